@@ -157,6 +157,11 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
     def extra_loss_terms(self, out: dict, target_raw: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
         return {}
 
+    def forward(self, imgs_query: torch.Tensor, texts: Sequence[str], imgs_target: torch.Tensor,
+                loss: str = "soft_triplet") -> dict[str, torch.Tensor]:
+        """The training forward pass is ``compute_loss`` (so DistributedDataParallel can wrap the model)."""
+        return self.compute_loss(imgs_query, texts, imgs_target, loss)
+
 
 def total_loss(terms: dict[str, torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Weighted sum of named loss terms: ``weights[0]`` for the base loss, then L2_loss, L2_loss_text, rot_sym_loss
