@@ -1,7 +1,35 @@
-"""Datasets in their published layouts (MIT-States, Fashion200k, Fashion IQ) and a synthetic one."""
+"""Datasets in their published layouts (MIT-States, Fashion200k, Fashion IQ) and a synthetic one.
+
+The three benchmarks are the ones of TIRG (Vo et al., CVPR 2019, arXiv 1812.07119, Sec. 4) and ComposeAE
+(Anwaar et al., WACV 2021, arXiv 2006.11149, Sec. 4.1). Every dataset returns images as uint8 tensors (3, S, S)
+(PIL -> RGB -> Resize(S) -> CenterCrop(S)); the ImageNet normalisation happens on the device in the model.
+
+Training items are addressed by ``(epoch, index, slot)`` and are a pure function of ``(seed, epoch, index, slot)``,
+so any number of DataLoader workers, ranks and resumes see the same pairs. ``EpochBatchSampler`` produces these
+keys; ``collate_train`` stacks the items. ``test_task()`` / ``train_task(n, seed)`` describe the retrieval
+benchmarks as ``RetrievalTask`` objects that ``test_retrieval.evaluate`` consumes.
+"""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+from PIL import Image, ImageDraw, ImageFilter
+
+from torch_functions import UserInputError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -16,3 +44,1180 @@ class RetrievalTask:
     query_targets: dict[str, list[str]]  # view -> (Q,) target labels, same views
     query_exclude: list[int] | None = None  # (Q,) gallery position ranked last (the source), -1 for none
     query_groups: dict[str, list[bool]] | None = None  # Fashion IQ: category -> (Q,) membership
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constants of the original code
+# ----------------------------------------------------------------------------------------------------------------
+
+DEFAULT_IMAGE_SIZE = 224  # the original's Resize(224) + CenterCrop(224)
+
+# The original's 49 MIT-States test nouns (data, not code): train = the other nouns, test = these.
+MIT_STATES_TEST_NOUNS = (
+    "armor", "bracelet", "bush", "camera", "candy", "castle", "ceramic", "cheese", "clock", "clothes", "coffee",
+    "fan", "fig", "fish", "foam", "forest", "fruit", "furniture", "garden", "gate", "glass", "horse", "island",
+    "laptop", "lead", "lightning", "mirror", "orange", "paint", "persimmon", "plastic", "plate", "potato", "road",
+    "rubber", "sand", "shell", "sky", "smoke", "steel", "stream", "table", "tea", "tomato", "vacuum", "wax",
+    "wheel", "window", "wool",
+)
+_MIT_TEST_NOUN_SET = frozenset(MIT_STATES_TEST_NOUNS)
+
+FASHION_IQ_CATEGORIES = ("dress", "shirt", "toptee")  # the order of category 'all', as the original
+
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+# Extra entropy words that keep the random streams apart (SeedSequence treats trailing zeros as absent, so the tags
+# are non-zero and larger than any epoch or index).
+_SAMPLER_TAG = (1 << 40) + 1
+_TRAIN_TASK_TAG = (1 << 40) + 2
+_SYNTHETIC_TAG = (1 << 40) + 3
+_U64 = 1 << 64
+
+
+def _seed_words(*parts: int) -> list[int]:
+    return [int(p) % _U64 for p in parts]
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    """A numpy Generator that depends only on the integers ``parts`` (negative seeds wrap modulo 2**64)."""
+    return np.random.default_rng(_seed_words(*parts))
+
+
+def _pick(rng: np.random.Generator, seq: Sequence) -> Any:
+    """Uniform choice of one element of ``seq`` (non-empty)."""
+    return seq[int(rng.integers(len(seq)))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Image loading
+# ----------------------------------------------------------------------------------------------------------------
+
+class BadImageError(Exception):
+    """An image file that cannot be opened or decoded (missing, corrupt, truncated)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"unreadable image {self.path}"
+
+
+def load_rgb_uint8(path: str, image_size: int) -> torch.Tensor:
+    """Decodes ``path`` as the original did and returns a uint8 tensor (3, S, S), S = ``image_size``.
+
+    PIL open -> convert('RGB') (MIT-States holds grayscale and CMYK JPEGs) -> Resize(S) on the shorter side (PIL
+    bilinear) -> CenterCrop(S) -> pil_to_tensor. PIL's LOAD_TRUNCATED_IMAGES is left alone, so a truncated file
+    raises ``BadImageError(path)`` instead of silently returning a partly grey image.
+    """
+    import torchvision.transforms.functional as TF
+
+    try:
+        with open(path, "rb") as f:
+            with Image.open(f) as img:
+                rgb = img.convert("RGB")  # forces the full decode
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise BadImageError(path) from exc
+    rgb = TF.resize(rgb, image_size, interpolation=TF.InterpolationMode.BILINEAR)
+    rgb = TF.center_crop(rgb, [image_size, image_size])
+    return TF.pil_to_tensor(rgb).contiguous()  # (3, S, S) uint8
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode-once image cache
+# ----------------------------------------------------------------------------------------------------------------
+
+def _file_list_digest(paths: Sequence[str]) -> str:
+    """SHA-1 over the paths, sizes and modification times of ``paths`` (a missing file counts as size -1)."""
+    h = hashlib.sha1()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, -1
+        h.update(f"{os.path.abspath(p)}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+class ImageCache:
+    """Every image of a dataset decoded and resized once, in a uint8 memmap (N, 3, S, S) under ``folder``.
+
+    The transform has no randomness, so one decode serves every epoch and every later run. The file name holds the
+    dataset name, split, image size and a hash of the file list (paths, sizes, mtimes); a changed file list makes a
+    new cache. The array is written to a temporary file and moved into place with ``os.replace`` before its sidecar
+    json (which also lists the unreadable images, stored as zeros) is moved in, so a reader never sees a half
+    written cache. ``get(i)`` returns exactly what ``load_rgb_uint8`` returns, and raises ``BadImageError`` for an
+    unreadable image as a fresh decode would. The open memmap is not pickled (workers reopen it).
+    """
+
+    def __init__(self, folder: str, name: str, split: str, image_size: int, paths: Sequence[str],
+                 num_threads: int | None = None) -> None:
+        self.paths = list(paths)
+        self.image_size = int(image_size)
+        digest = _file_list_digest(self.paths)
+        stem = f"{name}-{split}-{self.image_size}px-{digest[:16]}"
+        os.makedirs(folder, exist_ok=True)
+        self.data_file = os.path.join(folder, stem + ".u8")
+        self.meta_file = os.path.join(folder, stem + ".json")
+        self.digest = digest
+        self.shape = (len(self.paths), 3, self.image_size, self.image_size)
+        meta = self._read_meta()
+        if meta is None:
+            meta = self._build(num_threads)
+        self.bad = frozenset(int(i) for i in meta["bad"])
+        self._array: np.memmap | None = None
+
+    def _read_meta(self) -> dict | None:
+        try:
+            with open(self.meta_file) as f:
+                meta = json.load(f)
+            ok = (meta.get("digest") == self.digest and meta.get("shape") == list(self.shape)
+                  and os.path.getsize(self.data_file) == int(np.prod(self.shape)))
+        except (OSError, ValueError, AttributeError):
+            return None
+        return meta if ok else None
+
+    def _build(self, num_threads: int | None) -> dict:
+        from tqdm import tqdm
+
+        n = len(self.paths)
+        tmp = f"{self.data_file}.tmp-{os.getpid()}"
+        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
+        bad: list[int] = []
+
+        def decode(i: int) -> int | None:
+            try:
+                array[i] = load_rgb_uint8(self.paths[i], self.image_size).numpy()
+                return None
+            except BadImageError:
+                array[i] = 0
+                return i
+
+        workers = num_threads or min(8, os.cpu_count() or 1)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+                for result in tqdm(pool.map(decode, range(n)), total=n, desc="image cache", mininterval=1.0,
+                                   disable=n < 1000):
+                    if result is not None:
+                        bad.append(result)
+            array.flush()
+            del array
+            os.replace(tmp, self.data_file)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        meta = {"digest": self.digest, "shape": list(self.shape), "bad": sorted(bad),
+                "bad_paths": [self.paths[i] for i in sorted(bad)]}
+        tmp_meta = f"{self.meta_file}.tmp-{os.getpid()}"
+        with open(tmp_meta, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp_meta, self.meta_file)
+        logger.info("image cache written: %s (%d images, %d unreadable)", self.data_file, n, len(bad))
+        return meta
+
+    def get(self, i: int) -> torch.Tensor:
+        if i in self.bad:
+            raise BadImageError(self.paths[i])
+        if self._array is None:
+            self._array = np.memmap(self.data_file, dtype=np.uint8, mode="r", shape=self.shape)
+        return torch.from_numpy(np.array(self._array[i]))  # (3, S, S) uint8, a private copy
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_array"] = None  # a memmap would be pickled as a full in-memory copy
+        return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Base class
+# ----------------------------------------------------------------------------------------------------------------
+
+class _RetrievalDataset(torch.utils.data.Dataset):
+    """Shared image access, bad-image bookkeeping and item assembly of the three datasets."""
+
+    name = "dataset"
+    items_per_source = 1
+
+    def __init__(self, path: str, split: str, image_size: int, use_complete_text_query: bool, seed: int,
+                 image_cache: str | None) -> None:
+        super().__init__()
+        path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise UserInputError(f"dataset path {path!r} is not a folder: pass --dataset_path pointing at the "
+                                 f"{self.name} dataset ({self._layout()})")
+        if int(image_size) < 1:
+            raise UserInputError(f"image size {image_size} must be a positive number of pixels")
+        self.path = path
+        self.split = split
+        self.image_size = int(image_size)
+        self.use_complete_text_query = bool(use_complete_text_query)
+        self.seed = int(seed)
+        self.image_cache_dir = image_cache
+        self.bad_images: set[str] = set()  # unreadable files seen by this process (workers keep their own)
+        self._paths: list[str] = []
+        self._cache: ImageCache | None = None
+
+    @classmethod
+    def _layout(cls) -> str:
+        return ""
+
+    def _set_image_paths(self, paths: list[str], cache_name: str) -> None:
+        """Registers the image files (image id = position) and builds/opens the decode-once cache if asked."""
+        self._paths = paths
+        if self.image_cache_dir:
+            self._cache = ImageCache(self.image_cache_dir, cache_name, self.split, self.image_size, paths)
+            for i in sorted(self._cache.bad):
+                self._report_bad(paths[i])
+
+    def _report_bad(self, path: str) -> None:
+        if path not in self.bad_images:
+            self.bad_images.add(path)
+            logger.warning("skipping unreadable image %s (%d unreadable so far)", path, len(self.bad_images))
+
+    def _load_id(self, i: int) -> torch.Tensor:
+        """uint8 (3, S, S) of image id ``i``; raises BadImageError."""
+        if self._cache is not None:
+            return self._cache.get(i)
+        return load_rgb_uint8(self._paths[i], self.image_size)
+
+    def _key_to_id(self, key: Any) -> int:
+        return int(key)
+
+    def load_image(self, key: Any) -> torch.Tensor:
+        """uint8 (3, S, S) image for a ``RetrievalTask.image_keys`` entry; zeros (after a warning) if unreadable."""
+        i = self._key_to_id(key)
+        try:
+            return self._load_id(i)
+        except BadImageError as exc:
+            self._report_bad(exc.path)
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+
+    def _item(self, source: int, target: int, text: str, target_caption: str) -> dict | None:
+        try:
+            source_img = self._load_id(source)
+            target_img = self._load_id(target)
+        except BadImageError as exc:
+            self._report_bad(exc.path)
+            return None
+        return {"source_img": source_img, "target_img": target_img, "text": text, "source_img_id": int(source),
+                "target_img_id": int(target), "target_caption": target_caption}
+
+    @staticmethod
+    def _parse_key(key: Any) -> tuple[int, int, int]:
+        """``(epoch, index, slot)``; a bare int is read as ``(0, index, 0)``."""
+        if isinstance(key, (tuple, list)):
+            if len(key) != 3:
+                raise KeyError(f"dataset keys are (epoch, index, slot) tuples, got {key!r}")
+            return int(key[0]), int(key[1]), int(key[2])
+        return 0, int(key), 0
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+
+    @staticmethod
+    def _sample_sources(pool: Sequence[int], n: int, seed: int) -> list[int]:
+        """``n`` sources from ``pool``, seeded: without replacement when ``n <= len(pool)``."""
+        if n < 0:
+            raise ValueError(f"n_queries must be >= 0, got {n}")
+        if n == 0:
+            return []
+        rng = _rng(seed, _TRAIN_TASK_TAG)
+        chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=n > len(pool))
+        return [int(i) for i in chosen]
+
+    @staticmethod
+    def _positions(ids: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+        """Unique ids in first-seen order and id -> position."""
+        keys: list[int] = []
+        where: dict[int, int] = {}
+        for i in ids:
+            if i not in where:
+                where[i] = len(keys)
+                keys.append(i)
+        return keys, where
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MIT-States
+# ----------------------------------------------------------------------------------------------------------------
+
+class MITStates(_RetrievalDataset):
+    """MIT-States (Isola et al., CVPR 2015) in its published layout ``<path>/images/<adj noun>/*.jpg``.
+
+    As in TIRG Sec. 4.3 / ComposeAE Sec. 4.1: images of the 49 test nouns form the test split, the other nouns
+    the training split; the query text is the target adjective (or ``'<adj> <noun>'`` with
+    ``use_complete_text_query``); a test query is every test image with every other adjective of its noun.
+    """
+
+    name = "mitstates"
+    items_per_source = 2  # each source gives two targets with different adjectives in consecutive slots
+
+    def __init__(self, path: str, split: str, image_size: int = DEFAULT_IMAGE_SIZE,
+                 use_complete_text_query: bool = False, seed: int = 0, image_cache: str | None = None,
+                 exclude_source_adj: bool = False) -> None:
+        super().__init__(path, split, image_size, use_complete_text_query, seed, image_cache)
+        if split not in ("train", "test"):
+            raise UserInputError(f"MIT-States split {split!r} is unknown: use 'train' or 'test'")
+        self.exclude_source_adj = bool(exclude_source_adj)
+        images_dir = os.path.join(path, "images")
+        if not os.path.isdir(images_dir):
+            raise UserInputError(f"{images_dir} is missing: MIT-States needs the layout {self._layout()}")
+
+        self.imgs: list[dict] = []
+        # Sorted listings: the original used os.listdir order, which depends on the file system (fix: the image ids
+        # and therefore the pairs are the same on every machine).
+        for folder in sorted(os.listdir(images_dir)):
+            folder_path = os.path.join(images_dir, folder)
+            if " " not in folder or not os.path.isdir(folder_path):
+                continue
+            words = folder.split()
+            if len(words) != 2:
+                # The original crashed on such a folder (tuple unpacking); skip it with a warning instead.
+                logger.warning("skipping MIT-States folder %r: its name is not '<adj> <noun>'", folder_path)
+                continue
+            adj, noun = words
+            if adj == "adj":  # the unlabelled 'adj <noun>' folders, skipped as the original
+                continue
+            if (noun in _MIT_TEST_NOUN_SET) != (split == "test"):
+                continue
+            for file_name in sorted(os.listdir(folder_path)):
+                # The original asserted every file ends with 'jpg'; other files are ignored here.
+                if not file_name.lower().endswith(_JPEG_SUFFIXES):
+                    continue
+                self.imgs.append({"file_path": os.path.join(folder_path, file_name), "captions": [folder],
+                                  "adj": adj, "noun": noun})
+        if not self.imgs:
+            nouns = "one of the 49 test nouns" if split == "test" else "nouns outside the 49 test nouns"
+            raise UserInputError(f"no {split} images found under {images_dir}: expected {self._layout()} with {nouns}")
+
+        self.caption2imgids: dict[str, list[int]] = {}
+        self.noun2adjs: dict[str, list[str]] = {}  # adjectives in first-seen order
+        for i, img in enumerate(self.imgs):
+            self.caption2imgids.setdefault(img["captions"][0], []).append(i)
+            adjs = self.noun2adjs.setdefault(img["noun"], [])
+            if img["adj"] not in adjs:
+                adjs.append(img["adj"])
+        lonely = sorted(noun for noun, adjs in self.noun2adjs.items() if len(adjs) < 2)
+        if lonely:
+            # The original asserted every noun has >= 2 adjectives; such nouns stay in the gallery but give no
+            # training pairs and no queries.
+            logger.warning("MIT-States %s: %d noun(s) with a single adjective give no queries: %s", split,
+                           len(lonely), ", ".join(lonely))
+        self._lonely_nouns = frozenset(lonely)
+        self._sources = [i for i, img in enumerate(self.imgs) if img["noun"] not in self._lonely_nouns]  # (P,)
+        self._is_source = np.zeros(len(self.imgs), dtype=bool)
+        self._is_source[self._sources] = True
+        if not self._sources:
+            raise UserInputError(f"no {split} noun under {images_dir} has two adjectives: MIT-States queries need "
+                                 f"at least two '<adj> <noun>' folders for one noun")
+        self._test_queries: list[dict] | None = None
+        self._set_image_paths([img["file_path"] for img in self.imgs], self.name)
+
+    @classmethod
+    def _layout(cls) -> str:
+        return "<path>/images/<adj noun>/*.jpg"
+
+    def __len__(self) -> int:
+        return len(self.imgs)
+
+    def get_all_texts(self) -> list[str]:
+        """Captions ``'adj noun'`` of all images (the original's vocabulary source)."""
+        return [c for img in self.imgs for c in img["captions"]]
+
+    def _query_text(self, target_adj: str, noun: str) -> str:
+        return f"{target_adj} {noun}" if self.use_complete_text_query else target_adj
+
+    # -- training pairs ------------------------------------------------------------------------------------------
+    def sample_pair(self, rng: np.random.Generator, index: int) -> tuple[int, int, int]:
+        """``(source, target_slot0, target_slot1)`` drawn from ``rng`` for source ``index``.
+
+        Replaces the original's ``saved_item`` (state shared between consecutive ``__getitem__`` calls, wrong with
+        several loader workers): both targets of a source come from one generator. The two target adjectives are
+        drawn uniformly with replacement among the noun's adjectives, redrawn until they differ (as the original);
+        the source's own adjective is allowed unless ``exclude_source_adj``. A source whose noun has one adjective
+        is replaced by a uniformly drawn usable source.
+        """
+        source = int(index)
+        if not self._is_source[source]:
+            source = self._sources[int(rng.integers(len(self._sources)))]
+        img = self.imgs[source]
+        noun = img["noun"]
+        adjs = self.noun2adjs[noun]
+        if self.exclude_source_adj:
+            adjs = [a for a in adjs if a != img["adj"]]
+        if len(adjs) >= 2:
+            while True:
+                adj0, adj1 = _pick(rng, adjs), _pick(rng, adjs)
+                if adj0 != adj1:
+                    break
+        else:  # exclude_source_adj with a two-adjective noun: one other adjective, used for both slots
+            adj0 = adj1 = adjs[0]
+        target0 = _pick(rng, self.caption2imgids[f"{adj0} {noun}"])
+        target1 = _pick(rng, self.caption2imgids[f"{adj1} {noun}"])
+        return source, target0, target1
+
+    def training_pair(self, epoch: int, index: int, slot: int) -> tuple[int, int]:
+        """``(source, target)`` image ids of item ``(epoch, index, slot)``; a function of the seed and these."""
+        self._check_index(index)
+        if slot not in (0, 1):
+            raise KeyError(f"MIT-States slot must be 0 or 1, got {slot}")
+        source, target0, target1 = self.sample_pair(_rng(self.seed, epoch, index), index)
+        return source, (target0 if slot == 0 else target1)
+
+    def __getitem__(self, key: Any) -> dict | None:
+        epoch, index, slot = self._parse_key(key)
+        source, target = self.training_pair(epoch, index, slot)
+        target_img = self.imgs[target]
+        return self._item(source, target, self._query_text(target_img["adj"], target_img["noun"]),
+                          target_img["captions"][0])
+
+    # -- retrieval tasks -----------------------------------------------------------------------------------------
+    @property
+    def test_queries(self) -> list[dict]:
+        """Every image of a usable noun with every other adjective of its noun (the original's test queries)."""
+        if self._test_queries is None:
+            queries = []
+            for i, img in enumerate(self.imgs):
+                for target_adj in self.noun2adjs[img["noun"]]:
+                    if target_adj != img["adj"]:
+                        queries.append({"source_img_id": i, "target_caption": f"{target_adj} {img['noun']}",
+                                        "text": self._query_text(target_adj, img["noun"])})
+            self._test_queries = queries
+        return self._test_queries
+
+    @staticmethod
+    def _views(captions: Sequence[str]) -> dict[str, list[str]]:
+        return {"composition": list(captions), "adj": [c.split()[0] for c in captions],
+                "noun": [c.split()[1] for c in captions]}
+
+    def test_task(self) -> RetrievalTask:
+        """All queries against all images of the split; the source image is ranked last (as the original)."""
+        queries = self.test_queries
+        everything = list(range(len(self.imgs)))
+        return RetrievalTask(
+            image_keys=everything, gallery=everything,
+            query_source=[q["source_img_id"] for q in queries], query_text=[q["text"] for q in queries],
+            gallery_labels=self._views([img["captions"][0] for img in self.imgs]),
+            query_targets=self._views([q["target_caption"] for q in queries]),
+            query_exclude=[q["source_img_id"] for q in queries])
+
+    def train_task(self, n_queries: int, seed: int) -> RetrievalTask:
+        """A fixed, seeded sample of ``n_queries`` training queries, each against a gallery of all their targets.
+
+        The original approximated training retrieval with 9,600 items ``trainset[i]`` and never flushed a last
+        partial batch (fix: exactly ``n_queries`` queries with seeded sources and targets). The gallery holds one
+        entry per query, its target image (the same image may appear several times), with no exclusion.
+        """
+        sources = self._sample_sources(self._sources, n_queries, seed)
+        pairs = []
+        for q, s in enumerate(sources):
+            source, target, _ = self.sample_pair(_rng(seed, q, s, _TRAIN_TASK_TAG), s)
+            pairs.append((source, target))
+        keys, where = self._positions([i for pair in pairs for i in pair])
+        target_captions = [self.imgs[t]["captions"][0] for _, t in pairs]
+        return RetrievalTask(
+            image_keys=keys, gallery=[where[t] for _, t in pairs], query_source=[where[s] for s, _ in pairs],
+            query_text=[self._query_text(self.imgs[t]["adj"], self.imgs[t]["noun"]) for _, t in pairs],
+            gallery_labels=self._views(target_captions), query_targets=self._views(target_captions),
+            query_exclude=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fashion200k
+# ----------------------------------------------------------------------------------------------------------------
+
+def fashion200k_caption(raw: str) -> str:
+    """The original's caption clean-up: strip, then '.', '?', '&', '*' spelled out as words."""
+    return (raw.strip().replace(".", "dotmark").replace("?", "questionmark").replace("&", "andmark")
+            .replace("*", "starmark"))
+
+
+def get_different_word(source_caption: str, target_caption: str) -> tuple[str, str, str]:
+    """``(source_word, target_word, 'replace <source_word> with <target_word>')`` as the original.
+
+    The first source word absent from the target and the first target word absent from the source; when every
+    word is shared the loop falls through and the last word is used (the original's behaviour, kept).
+    """
+    source_words = source_caption.split()
+    target_words = target_caption.split()
+    source_word = target_word = ""  # the original raised NameError on an empty caption
+    for source_word in source_words:
+        if source_word not in target_words:
+            break
+    for target_word in target_words:
+        if target_word not in source_words:
+            break
+    return source_word, target_word, f"replace {source_word} with {target_word}"
+
+
+class Fashion200k(_RetrievalDataset):
+    """Fashion200k (Han et al., ICCV 2017) as TIRG Sec. 4.2 uses it.
+
+    Layout: ``<path>/labels/*_<split>_detect_all.txt`` (``image_path TAB detection_score TAB caption``), images at
+    ``<path>/<image_path>``, and ``<path>/test_queries.txt`` (``source_path target_path`` a line). A training pair
+    is two images whose captions differ in one word (they share a 'parent' caption); the text is
+    ``'replace <word> with <word>'``, or the target caption with ``use_complete_text_query``.
+    """
+
+    name = "fashion200k"
+    items_per_source = 1
+
+    def __init__(self, path: str, split: str, image_size: int = DEFAULT_IMAGE_SIZE,
+                 use_complete_text_query: bool = False, seed: int = 0, image_cache: str | None = None) -> None:
+        super().__init__(path, split, image_size, use_complete_text_query, seed, image_cache)
+        labels_dir = os.path.join(path, "labels")
+        if not os.path.isdir(labels_dir):
+            raise UserInputError(f"{labels_dir} is missing: Fashion200k needs the layout {self._layout()}")
+        suffix = f"_{split}_detect_all.txt"  # the original took every file whose name contains the split name
+        label_files = sorted(f for f in os.listdir(labels_dir)
+                             if f.endswith(suffix) and os.path.isfile(os.path.join(labels_dir, f)))
+        if not label_files:
+            raise UserInputError(f"no label files *{suffix} in {labels_dir}: Fashion200k needs {self._layout()}")
+        self.imgs: list[dict] = []
+        for file_name in label_files:
+            label_path = os.path.join(labels_dir, file_name)
+            with open(label_path, encoding="utf-8") as f:
+                lines = f.read().split("\n")
+            count = 0
+            for line_no, line in enumerate(lines, 1):
+                if not line.strip():  # blank lines (a trailing one crashed the original)
+                    continue
+                fields = line.rstrip("\r").split("\t")
+                if len(fields) < 3 or not fields[0]:
+                    raise UserInputError(f"{label_path}:{line_no}: malformed line {line[:80]!r}: expected "
+                                         f"'image_path<TAB>detection_score<TAB>caption'")
+                self.imgs.append({"file_path": fields[0], "detection_score": fields[1],
+                                  "captions": [fashion200k_caption(fields[2])], "split": split,
+                                  "modifiable": False})
+                count += 1
+            if count == 0:
+                raise UserInputError(f"{label_path} is empty: expected lines "
+                                     f"'image_path<TAB>detection_score<TAB>caption'")
+        logger.info("Fashion200k %s: %d images", split, len(self.imgs))
+        self._index_built = False
+        self.test_queries: list[dict] = []
+        if split == "train":
+            self._build_caption_index()
+        else:
+            self._read_test_queries()
+        self._set_image_paths([os.path.join(path, img["file_path"]) for img in self.imgs], self.name)
+
+    @classmethod
+    def _layout(cls) -> str:
+        return ("<path>/labels/*_<split>_detect_all.txt (image_path<TAB>score<TAB>caption), images at "
+                "<path>/<image_path>, <path>/test_queries.txt")
+
+    def __len__(self) -> int:
+        return len(self.imgs)
+
+    def get_all_texts(self) -> list[str]:
+        return [c for img in self.imgs for c in img["captions"]]
+
+    def _query_text(self, source: int, target: int) -> str:
+        target_caption = self.imgs[target]["captions"][0]
+        if self.use_complete_text_query:
+            return target_caption
+        return get_different_word(self.imgs[source]["captions"][0], target_caption)[2]
+
+    def _read_test_queries(self) -> None:
+        file2imgid = {img["file_path"]: i for i, img in enumerate(self.imgs)}  # a repeated path keeps its last id
+        queries_path = os.path.join(self.path, "test_queries.txt")
+        if not os.path.isfile(queries_path):
+            raise UserInputError(f"{queries_path} is missing: Fashion200k evaluation needs it "
+                                 f"('source_path target_path' a line)")
+        with open(queries_path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2:
+                raise UserInputError(f"{queries_path}:{line_no}: malformed line {line[:80]!r}: expected "
+                                     f"'source_path target_path'")
+            for p in fields:
+                if p not in file2imgid:
+                    raise UserInputError(f"{queries_path}:{line_no}: image {p!r} is not in the {self.split} label "
+                                         f"files under {os.path.join(self.path, 'labels')}")
+            source, target = file2imgid[fields[0]], file2imgid[fields[1]]
+            self.test_queries.append({"source_img_id": source, "target_img_id": target,
+                                      "target_caption": self.imgs[target]["captions"][0],
+                                      "text": self._query_text(source, target)})
+        if not self.test_queries:
+            raise UserInputError(f"{queries_path} is empty: expected 'source_path target_path' lines")
+
+    def _build_caption_index(self) -> None:
+        """The original's parent/child caption index: a parent is a caption with one word removed."""
+        caption2imgids: dict[str, list[int]] = {}
+        for i, img in enumerate(self.imgs):
+            for c in img["captions"]:
+                caption2imgids.setdefault(c, []).append(i)
+        parent2children: dict[str, list[str]] = {}
+        for c in caption2imgids:
+            for w in c.split():
+                # str.replace removes every occurrence of the word, also inside other words (the original's quirk,
+                # kept so that the same pairs exist); then one pass collapses double spaces.
+                p = c.replace(w, "").replace("  ", " ").strip()
+                children = parent2children.setdefault(p, [])
+                if c not in children:
+                    children.append(c)
+        for img in self.imgs:
+            img["modifiable"] = False
+            img["parent_captions"] = []
+        for p, children in parent2children.items():
+            if len(children) >= 2:
+                for c in children:
+                    for i in caption2imgids[c]:
+                        self.imgs[i]["modifiable"] = True
+                        self.imgs[i]["parent_captions"].append(p)
+        self.caption2imgids = caption2imgids
+        self.parent2children_captions = parent2children
+        self._modifiable = [i for i, img in enumerate(self.imgs) if img["modifiable"]]
+        self._index_built = True
+        logger.info("Fashion200k %s: %d unique captions, %d modifiable images", self.split, len(caption2imgids),
+                    len(self._modifiable))
+        if not self._modifiable:
+            raise UserInputError(f"no two {self.split} captions in {os.path.join(self.path, 'labels')} differ by "
+                                 f"one word: Fashion200k training pairs cannot be formed")
+
+    def sample_pair(self, rng: np.random.Generator, index: int) -> tuple[int, int]:
+        """``(source, target)`` by the original's loop, with its random calls drawn from ``rng``."""
+        if not self._index_built:
+            self._build_caption_index()
+        idx = int(index)
+        while not self.imgs[idx]["modifiable"]:  # as the original: redraw any image until a modifiable one
+            idx = int(rng.integers(0, len(self.imgs)))
+        img = self.imgs[idx]
+        while True:
+            p = _pick(rng, img["parent_captions"])
+            c = _pick(rng, self.parent2children_captions[p])
+            if c not in img["captions"]:
+                break
+        return idx, _pick(rng, self.caption2imgids[c])
+
+    def training_pair(self, epoch: int, index: int, slot: int = 0) -> tuple[int, int]:
+        self._check_index(index)
+        if slot != 0:
+            raise KeyError(f"Fashion200k has one slot per source, got slot {slot}")
+        return self.sample_pair(_rng(self.seed, epoch, index), index)
+
+    def __getitem__(self, key: Any) -> dict | None:
+        epoch, index, slot = self._parse_key(key)
+        source, target = self.training_pair(epoch, index, slot)
+        return self._item(source, target, self._query_text(source, target), self.imgs[target]["captions"][0])
+
+    def test_task(self) -> RetrievalTask:
+        """The test_queries.txt queries against all test images; the source is ranked last (as the original)."""
+        everything = list(range(len(self.imgs)))
+        return RetrievalTask(
+            image_keys=everything, gallery=everything,
+            query_source=[q["source_img_id"] for q in self.test_queries],
+            query_text=[q["text"] for q in self.test_queries],
+            gallery_labels={"composition": [img["captions"][0] for img in self.imgs]},
+            query_targets={"composition": [q["target_caption"] for q in self.test_queries]},
+            query_exclude=[q["source_img_id"] for q in self.test_queries])
+
+    def train_task(self, n_queries: int, seed: int) -> RetrievalTask:
+        """Seeded sample of ``n_queries`` modifiable sources with a sampled target each; gallery = the targets.
+
+        Replaces the original's 9,600 items ``trainset[i]`` whose last partial batch was never flushed.
+        """
+        if not self._index_built:
+            self._build_caption_index()
+        sources = self._sample_sources(self._modifiable, n_queries, seed)
+        pairs = [self.sample_pair(_rng(seed, q, s, _TRAIN_TASK_TAG), s) for q, s in enumerate(sources)]
+        keys, where = self._positions([i for pair in pairs for i in pair])
+        captions = [self.imgs[t]["captions"][0] for _, t in pairs]
+        return RetrievalTask(
+            image_keys=keys, gallery=[where[t] for _, t in pairs], query_source=[where[s] for s, _ in pairs],
+            query_text=[self._query_text(s, t) for s, t in pairs], gallery_labels={"composition": captions},
+            query_targets={"composition": list(captions)}, query_exclude=None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fashion IQ
+# ----------------------------------------------------------------------------------------------------------------
+
+class FashionIQ(_RetrievalDataset):
+    """Fashion IQ (Wu et al., CVPR 2021 / arXiv 1905.12794) as ComposeAE Sec. 4.1 uses it.
+
+    Layout: ``<path>/captions/cap.<cat>.<split>.json`` (a list of ``{candidate, target, captions}``),
+    ``<path>/image_splits/split.<cat>.<split>.json`` (a list of image names) and ``<path>/images/<name>.jpg``
+    (or the original's ``<path>/all_imgs/<name>.jpg``). A query is the candidate image with its two captions joined
+    (``'<cat> <c1> and it <c2>'`` for category 'all', ``'<c1> <c2>'`` otherwise, lower-cased); the gallery is the
+    split's image list.
+    """
+
+    name = "fashioniq"
+    items_per_source = 1
+
+    def __init__(self, path: str, split: str, category: str = "all", image_size: int = DEFAULT_IMAGE_SIZE,
+                 use_complete_text_query: bool = False, seed: int = 0, image_cache: str | None = None) -> None:
+        super().__init__(path, split, image_size, use_complete_text_query, seed, image_cache)
+        if category != "all" and category not in FASHION_IQ_CATEGORIES:
+            raise UserInputError(f"unknown Fashion IQ category {category!r}: use all, "
+                                 f"{', '.join(FASHION_IQ_CATEGORIES)}")
+        self.category = category
+        categories = list(FASHION_IQ_CATEGORIES) if category == "all" else [category]
+        for sub in ("captions", "image_splits"):
+            if not os.path.isdir(os.path.join(path, sub)):
+                raise UserInputError(f"{os.path.join(path, sub)} is missing: Fashion IQ needs {self._layout()}")
+        self.images_dir = next((os.path.join(path, d) for d in ("images", "all_imgs")
+                                if os.path.isdir(os.path.join(path, d))), None)
+        if self.images_dir is None:
+            raise UserInputError(f"neither {os.path.join(path, 'images')} nor {os.path.join(path, 'all_imgs')} "
+                                 f"exists: Fashion IQ needs <path>/images/<name>.jpg")
+
+        split_names: list[str] = []
+        self.entries: list[dict] = []
+        for cat in categories:
+            split_file = os.path.join(path, "image_splits", f"split.{cat}.{split}.json")
+            names = self._read_json_list(split_file)
+            for i, name in enumerate(names):
+                if not isinstance(name, str):
+                    raise UserInputError(f"{split_file}: entry {i} is {name!r}, expected an image name string")
+            split_names += names
+            caption_file = os.path.join(path, "captions", f"cap.{cat}.{split}.json")
+            for i, entry in enumerate(self._read_json_list(caption_file)):
+                ok = (isinstance(entry, dict) and isinstance(entry.get("candidate"), str)
+                      and isinstance(entry.get("target"), str) and isinstance(entry.get("captions"), list)
+                      and all(isinstance(c, str) for c in entry["captions"]))
+                if not ok:
+                    raise UserInputError(f"{caption_file}: entry {i} is malformed: expected "
+                                         f"{{'candidate': name, 'target': name, 'captions': [text, text]}}")
+                if category == "all":
+                    text = (cat + " " + " and it ".join(entry["captions"])).lower()
+                else:
+                    text = " ".join(entry["captions"]).lower()
+                self.entries.append({"category": cat, "candidate": entry["candidate"], "target": entry["target"],
+                                     "captions": list(entry["captions"]), "text": text})
+        if not self.entries:
+            raise UserInputError(f"no {split} caption entries in {os.path.join(path, 'captions')}: "
+                                 f"expected cap.<category>.{split}.json lists")
+        # The gallery is the split's image list with repeats removed, keeping the first occurrence (the original
+        # de-duplicated its ranking the same way).
+        self.gallery_names = list(dict.fromkeys(split_names))
+        names = list(self.gallery_names)
+        gallery_set = set(names)
+        candidates_only = [n for n in dict.fromkeys(e["candidate"] for e in self.entries) if n not in gallery_set]
+        names += candidates_only
+        self._n_query_keys = len(names)  # gallery names, then candidates outside the gallery
+        known = set(names)
+        names += [n for n in dict.fromkeys(e["target"] for e in self.entries) if n not in known]
+        self.image_names = names
+        self._name2id = {n: i for i, n in enumerate(names)}
+        self._set_image_paths([os.path.join(self.images_dir, n + ".jpg") for n in names],
+                              f"{self.name}-{category}")
+
+    @classmethod
+    def _layout(cls) -> str:
+        return ("<path>/captions/cap.<cat>.<split>.json, <path>/image_splits/split.<cat>.<split>.json, "
+                "<path>/images/<name>.jpg")
+
+    @staticmethod
+    def _read_json_list(file_path: str) -> list:
+        if not os.path.isfile(file_path):
+            raise UserInputError(f"{file_path} is missing: Fashion IQ needs {FashionIQ._layout()}")
+        try:
+            with open(file_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except ValueError as exc:
+            raise UserInputError(f"{file_path}: not valid JSON ({exc})") from None
+        if not isinstance(data, list):
+            raise UserInputError(f"{file_path}: expected a JSON list, got {type(data).__name__}")
+        return data
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get_all_texts(self) -> list[str]:
+        """The query strings. The original did ``texts += captions_string`` and so added single characters to
+        the vocabulary (fix: whole strings)."""
+        return [e["text"] for e in self.entries]
+
+    def _key_to_id(self, key: Any) -> int:
+        if isinstance(key, str):
+            return self._name2id[key]
+        return int(key)
+
+    def __getitem__(self, key: Any) -> dict | None:
+        _, index, slot = self._parse_key(key)
+        self._check_index(index)
+        if slot != 0:
+            raise KeyError(f"Fashion IQ has one slot per source, got slot {slot}")
+        e = self.entries[index]  # candidate -> target: no randomness
+        return self._item(self._name2id[e["candidate"]], self._name2id[e["target"]], e["text"], e["text"])
+
+    def _task(self, entry_ids: Sequence[int]) -> RetrievalTask:
+        entries = [self.entries[i] for i in entry_ids]
+        keys = list(self.gallery_names)
+        where = {n: i for i, n in enumerate(keys)}
+        for e in entries:
+            if e["candidate"] not in where:
+                where[e["candidate"]] = len(keys)
+                keys.append(e["candidate"])
+        categories = list(FASHION_IQ_CATEGORIES) if self.category == "all" else [self.category]
+        return RetrievalTask(
+            image_keys=keys, gallery=list(range(len(self.gallery_names))),
+            query_source=[where[e["candidate"]] for e in entries], query_text=[e["text"] for e in entries],
+            gallery_labels={"image": list(self.gallery_names)},
+            query_targets={"image": [e["target"] for e in entries]},
+            # The original does not rank the source image last in Fashion IQ (kept: no exclusion).
+            query_exclude=None,
+            query_groups={c: [e["category"] == c for e in entries] for c in categories})
+
+    def test_task(self) -> RetrievalTask:
+        """All caption entries against the split's images; recall per category (the original's fiq_test)."""
+        return self._task(range(len(self.entries)))
+
+    def train_task(self, n_queries: int, seed: int) -> RetrievalTask:
+        """A seeded sample of ``n_queries`` caption entries against this split's images."""
+        return self._task(self._sample_sources(range(len(self.entries)), n_queries, seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling and batching
+# ----------------------------------------------------------------------------------------------------------------
+
+class EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of ``(epoch, index, slot)`` keys: a seeded permutation per epoch, exact mid-epoch resume.
+
+    The permutation of the sources comes from a torch.Generator seeded from ``(seed, epoch)``. With
+    ``dataset.items_per_source == 2`` (MIT-States) each drawn source fills two consecutive slots (0 and 1), and an
+    epoch has ``len(dataset)`` items, as the original (its shuffled loader paired consecutive items). ``batch_size``
+    is the global batch; with ``world_size > 1`` rank r gets the r-th contiguous share of every global batch, so the
+    shares of all ranks concatenate to the single-process batch. ``set_epoch(e)`` selects the epoch (and resets
+    the start batch); ``set_start_batch(n)`` then skips the first n batches of that epoch.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, seed: int, drop_last: bool = True, rank: int = 0,
+                 world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise UserInputError(f"batch size {batch_size} must be at least 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise UserInputError(f"rank {rank} / world size {world_size} is not a valid process layout")
+        if batch_size % world_size:
+            raise UserInputError(f"batch size {batch_size} does not divide evenly over {world_size} processes: "
+                                 f"use a multiple of {world_size}")
+        self.n_items = len(dataset)
+        self.items_per_source = int(getattr(dataset, "items_per_source", 1))
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self.start_batch = 0
+
+    def set_start_batch(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"start batch must be >= 0, got {n}")
+        self.start_batch = int(n)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.n_items // self.batch_size
+        return math.ceil(self.n_items / self.batch_size)
+
+    def epoch_keys(self, epoch: int) -> list[tuple[int, int, int]]:
+        """All ``(epoch, index, slot)`` keys of an epoch, in order (before batching)."""
+        seed = int(np.random.SeedSequence(_seed_words(self.seed, epoch, _SAMPLER_TAG)).generate_state(
+            1, np.uint64)[0])
+        generator = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(self.n_items, generator=generator).tolist()
+        k = self.items_per_source
+        return [(epoch, perm[j // k], j % k) for j in range(self.n_items)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        keys = self.epoch_keys(self.epoch)
+        share = self.batch_size // self.world_size
+        for b in range(self.start_batch, len(self)):
+            batch = keys[b * self.batch_size:(b + 1) * self.batch_size]
+            if len(batch) == self.batch_size:
+                yield batch[self.rank * share:(self.rank + 1) * share]
+            else:  # the last partial batch (drop_last=False): near-equal contiguous shares
+                bounds = np.linspace(0, len(batch), self.world_size + 1).round().astype(int)
+                yield batch[bounds[self.rank]:bounds[self.rank + 1]]
+
+
+def collate_train(items: Sequence[dict | None]) -> dict:
+    """Stacks training items into a batch; items that are None (an unreadable image) are dropped."""
+    items = [it for it in items if it is not None]
+    if not items:
+        return {"source_img": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
+                "target_img": torch.empty(0, 3, 0, 0, dtype=torch.uint8), "text": [],
+                "source_img_id": torch.empty(0, dtype=torch.long), "target_img_id": torch.empty(0, dtype=torch.long),
+                "target_caption": []}
+    return {
+        "source_img": torch.stack([it["source_img"] for it in items]),  # (B, 3, S, S) uint8
+        "target_img": torch.stack([it["target_img"] for it in items]),  # (B, 3, S, S) uint8
+        "text": [it["text"] for it in items],
+        "source_img_id": torch.tensor([it["source_img_id"] for it in items], dtype=torch.long),  # (B,)
+        "target_img_id": torch.tensor([it["target_img_id"] for it in items], dtype=torch.long),  # (B,)
+        "target_caption": [it["target_caption"] for it in items],
+    }
+
+
+DATASET_NAMES = ("mitstates", "fashion200k", "fashionIQ", "synthetic")
+
+
+def build_datasets(name: str, path: str, *, image_size: int = DEFAULT_IMAGE_SIZE,
+                   use_complete_text_query: bool = False, category: str = "all", seed: int = 0,
+                   image_cache: str | None = None, exclude_source_adj: bool = False) -> tuple[Any, Any]:
+    """``(trainset, testset)`` for ``--dataset name``; Fashion IQ tests on its 'val' split, as the original."""
+    common = dict(image_size=image_size, use_complete_text_query=use_complete_text_query, seed=seed,
+                  image_cache=image_cache)
+    if name in ("mitstates", "synthetic"):
+        if name == "synthetic":
+            generate_synthetic(path, seed=seed)
+        return (MITStates(path, "train", exclude_source_adj=exclude_source_adj, **common),
+                MITStates(path, "test", exclude_source_adj=exclude_source_adj, **common))
+    if name == "fashion200k":
+        return Fashion200k(path, "train", **common), Fashion200k(path, "test", **common)
+    if name == "fashionIQ":
+        return (FashionIQ(path, "train", category=category, **common),
+                FashionIQ(path, "val", category=category, **common))
+    raise UserInputError(f"unknown dataset {name!r}: use one of {', '.join(DATASET_NAMES)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic dataset in the MIT-States layout
+# ----------------------------------------------------------------------------------------------------------------
+
+SYNTHETIC_FORMAT = "composeae-synthetic/1"
+SYNTHETIC_MANIFEST = "synthetic_manifest.json"
+# Nouns are drawn objects. Training nouns are outside the original's 49 test nouns, test nouns inside it, so that
+# MITStates puts them in the right split.
+SYNTHETIC_TRAIN_NOUNS = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "arrow",
+                         "pentagon", "heart")
+SYNTHETIC_TEST_NOUNS = ("clock", "plate", "wheel", "window", "fish", "table")
+# Adjectives are visual states: each one sets one attribute; the attributes it does not name stay neutral
+# (grey, medium size, solid), so a caption describes its image without ambiguity.
+SYNTHETIC_ADJECTIVES: dict[str, tuple[str, Any]] = {
+    "red": ("colour", (215, 45, 40)), "green": ("colour", (40, 180, 60)), "blue": ("colour", (50, 90, 235)),
+    "yellow": ("colour", (235, 215, 40)), "purple": ("colour", (150, 60, 200)),
+    "small": ("size", 0.28), "large": ("size", 0.82),
+    "striped": ("texture", "striped"), "dotted": ("texture", "dotted"), "hollow": ("texture", "hollow"),
+}
+_NEUTRAL = {"colour": (150, 150, 150), "size": 0.55, "texture": "solid"}
+_BACKGROUND = (28, 30, 36)
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, angle: float, radii: Sequence[float] = (1.0,),
+             sx: float = 1.0) -> list[tuple[float, float]]:
+    """Vertices of a (possibly star-shaped) polygon: n points, radius r * radii[k % len(radii)]."""
+    pts = []
+    for k in range(n):
+        a = angle + 2 * math.pi * k / n
+        rr = r * radii[k % len(radii)]
+        pts.append((cx + sx * rr * math.cos(a), cy + rr * math.sin(a)))
+    return pts
+
+
+def _rotated(points: Sequence[tuple[float, float]], cx: float, cy: float, r: float, angle: float) -> list:
+    """Points given in units of r around (0, 0), rotated by ``angle`` and placed at (cx, cy)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
+
+
+def _draw_noun(draw: ImageDraw.ImageDraw, noun: str, cx: float, cy: float, r: float, angle: float) -> None:
+    """Draws ``noun`` as a mask (255 = object, 0 = background / cut-outs) of half-size ``r``."""
+    def ell(k: float, ky: float | None = None, fill: int = 255) -> None:
+        ky = k if ky is None else ky
+        draw.ellipse([cx - k * r, cy - ky * r, cx + k * r, cy + ky * r], fill=fill)
+
+    def poly(points: Sequence[tuple[float, float]], fill: int = 255) -> None:
+        draw.polygon(_rotated(points, cx, cy, r, angle), fill=fill)
+
+    def bar(x0: float, y0: float, x1: float, y1: float, fill: int = 255) -> None:
+        poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
+
+    if noun == "circle":
+        ell(1.0)
+    elif noun == "square":
+        bar(-0.8, -0.8, 0.8, 0.8)
+    elif noun == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, angle - math.pi / 2), fill=255)
+    elif noun == "star":
+        draw.polygon(_polygon(cx, cy, r, 10, angle - math.pi / 2, (1.0, 0.42)), fill=255)
+    elif noun == "cross":
+        bar(-1.0, -0.3, 1.0, 0.3)
+        bar(-0.3, -1.0, 0.3, 1.0)
+    elif noun == "diamond":
+        draw.polygon(_polygon(cx, cy, r, 4, angle, sx=0.6), fill=255)
+    elif noun == "hexagon":
+        draw.polygon(_polygon(cx, cy, r, 6, angle), fill=255)
+    elif noun == "pentagon":
+        draw.polygon(_polygon(cx, cy, r, 5, angle - math.pi / 2), fill=255)
+    elif noun == "arrow":
+        poly([(-1.0, -0.25), (0.2, -0.25), (0.2, -0.65), (1.0, 0.0), (0.2, 0.65), (0.2, 0.25), (-1.0, 0.25)])
+    elif noun == "heart":
+        for x in (-0.45, 0.45):
+            draw.ellipse([cx + (x - 0.5) * r, cy - 0.85 * r, cx + (x + 0.5) * r, cy + 0.15 * r], fill=255)
+        draw.polygon([(cx - 0.95 * r, cy - 0.2 * r), (cx + 0.95 * r, cy - 0.2 * r), (cx, cy + r)], fill=255)
+    elif noun == "clock":
+        ell(1.0)
+        w = max(1, int(r * 0.14))
+        draw.line([(cx, cy), *_rotated([(0.0, -0.75)], cx, cy, r, angle)], fill=0, width=w)
+        draw.line([(cx, cy), *_rotated([(0.5, 0.0)], cx, cy, r, angle)], fill=0, width=w)
+    elif noun == "plate":
+        ell(1.0, 0.62)
+        ell(0.68, 0.4, fill=0)
+        ell(0.56, 0.32, fill=255)
+    elif noun == "wheel":
+        ell(1.0)
+        ell(0.78, fill=0)
+        ell(0.22)
+        w = max(1, int(r * 0.12))
+        for k in range(3):
+            a = angle + k * math.pi / 3
+            draw.line([(cx - 0.8 * r * math.cos(a), cy - 0.8 * r * math.sin(a)),
+                       (cx + 0.8 * r * math.cos(a), cy + 0.8 * r * math.sin(a))], fill=255, width=w)
+    elif noun == "window":
+        bar(-0.85, -0.85, 0.85, 0.85)
+        bar(-0.85, -0.08, 0.85, 0.08, fill=0)
+        bar(-0.08, -0.85, 0.08, 0.85, fill=0)
+    elif noun == "fish":
+        poly([(-0.55, 0.0), (-1.0, -0.5), (-1.0, 0.5)])
+        draw.ellipse([cx - 0.7 * r, cy - 0.45 * r, cx + r, cy + 0.45 * r], fill=255)
+    elif noun == "table":
+        bar(-1.0, -0.6, 1.0, -0.3)
+        bar(-0.85, -0.3, -0.65, 0.8)
+        bar(0.65, -0.3, 0.85, 0.8)
+    else:
+        raise ValueError(f"no drawing for synthetic noun {noun!r}")
+
+
+def render_synthetic_image(noun: str, adj: str, image_size: int, rng: np.random.Generator,
+                           noise_std: float = 6.0) -> np.ndarray:
+    """One image (S, S, 3) uint8 of ``noun`` in state ``adj``, with position/size/angle jitter and noise."""
+    attrs = dict(_NEUTRAL)
+    kind, value = SYNTHETIC_ADJECTIVES[adj]
+    attrs[kind] = value
+    s = image_size
+    big = 2 * s  # drawn at twice the size and downsampled: smooth edges
+    r = 0.5 * big * attrs["size"] * float(rng.uniform(0.9, 1.1))
+    margin = max(0.0, 0.5 * big - r)
+    cx = 0.5 * big + float(rng.uniform(-0.6, 0.6)) * margin
+    cy = 0.5 * big + float(rng.uniform(-0.6, 0.6)) * margin
+    angle = float(rng.uniform(-0.25, 0.25))
+    mask_img = Image.new("L", (big, big), 0)
+    _draw_noun(ImageDraw.Draw(mask_img), noun, cx, cy, r, angle)
+    if attrs["texture"] == "hollow":
+        k = max(3, (big // 10) | 1)
+        inner = mask_img.filter(ImageFilter.MinFilter(k))
+        mask = np.asarray(mask_img, dtype=np.float32) - np.asarray(inner, dtype=np.float32)
+        mask_img = Image.fromarray(np.clip(mask, 0, 255).astype(np.uint8))
+    mask = np.asarray(mask_img.resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255.0
+    colour = np.asarray(attrs["colour"], dtype=np.float32) + rng.normal(0, 6, size=3).astype(np.float32)
+    fill = np.broadcast_to(colour, (s, s, 3)).copy()
+    yy, xx = np.mgrid[0:s, 0:s]
+    period = max(4, s // 8)
+    if attrs["texture"] == "striped":
+        phase = int(rng.integers(period))
+        fill[((xx + yy + phase) // (period // 2)) % 2 == 0] *= 0.35
+    elif attrs["texture"] == "dotted":
+        ox, oy = int(rng.integers(period)), int(rng.integers(period))
+        d2 = ((xx + ox) % period - period / 2) ** 2 + ((yy + oy) % period - period / 2) ** 2
+        fill[d2 <= (period * 0.28) ** 2] *= 0.3
+    background = np.asarray(_BACKGROUND, dtype=np.float32) + rng.normal(0, 4, size=3).astype(np.float32)
+    img = background * (1.0 - mask) + fill * mask
+    img = img + rng.normal(0, noise_std, size=img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _synthetic_plan(seed: int, n_train_nouns: int, n_test_nouns: int,
+                    adjectives_per_noun: int) -> dict[str, list[str]]:
+    """noun -> its adjectives; test nouns use adjectives that some training noun has."""
+    if not 1 <= n_train_nouns <= len(SYNTHETIC_TRAIN_NOUNS):
+        raise UserInputError(f"synthetic: n_train_nouns must be 1..{len(SYNTHETIC_TRAIN_NOUNS)}, got {n_train_nouns}")
+    if not 1 <= n_test_nouns <= len(SYNTHETIC_TEST_NOUNS):
+        raise UserInputError(f"synthetic: n_test_nouns must be 1..{len(SYNTHETIC_TEST_NOUNS)}, got {n_test_nouns}")
+    if not 2 <= adjectives_per_noun <= len(SYNTHETIC_ADJECTIVES):
+        raise UserInputError(f"synthetic: adjectives_per_noun must be 2..{len(SYNTHETIC_ADJECTIVES)}, "
+                             f"got {adjectives_per_noun}")
+    rng = _rng(seed, _SYNTHETIC_TAG)
+    pool = list(SYNTHETIC_ADJECTIVES)
+    plan: dict[str, list[str]] = {}
+    for noun in SYNTHETIC_TRAIN_NOUNS[:n_train_nouns]:
+        plan[noun] = [pool[i] for i in sorted(rng.choice(len(pool), adjectives_per_noun, replace=False))]
+    seen = sorted({a for adjs in plan.values() for a in adjs}, key=pool.index)
+    for noun in SYNTHETIC_TEST_NOUNS[:n_test_nouns]:
+        k = min(adjectives_per_noun, len(seen))
+        plan[noun] = [seen[i] for i in sorted(rng.choice(len(seen), k, replace=False))]
+    return plan
+
+
+def _manifest_matches(path: str, manifest: dict) -> bool:
+    try:
+        with open(os.path.join(path, SYNTHETIC_MANIFEST)) as f:
+            return json.load(f) == manifest
+    except (OSError, ValueError):
+        return False
+
+
+def generate_synthetic(path: str, seed: int = 0, image_size: int = 64, n_train_nouns: int = 8,
+                       n_test_nouns: int = 4, adjectives_per_noun: int = 6, images_per_class: int = 10,
+                       noise_std: float = 6.0) -> None:
+    """Writes a small synthetic dataset in the MIT-States layout ``<path>/images/<adj noun>/*.jpg``.
+
+    Drawn objects are the nouns (training: circle, square, ...; test: names from the original's 49 test nouns,
+    clock, plate, ...), visual states the adjectives (colour, size, texture). Nothing is written when
+    ``<path>/synthetic_manifest.json`` already holds the same parameters; otherwise the data is generated into a
+    temporary folder beside ``path`` and renamed into place (a folder that is not a synthetic dataset is never
+    replaced). The same arguments give byte-identical files.
+    """
+    plan = _synthetic_plan(seed, n_train_nouns, n_test_nouns, adjectives_per_noun)
+    if images_per_class < 1 or image_size < 8:
+        raise UserInputError(f"synthetic: images_per_class >= 1 and image_size >= 8 needed, got "
+                             f"{images_per_class}, {image_size}")
+    manifest = {"format": SYNTHETIC_FORMAT, "seed": int(seed), "image_size": int(image_size),
+                "n_train_nouns": n_train_nouns, "n_test_nouns": n_test_nouns,
+                "adjectives_per_noun": adjectives_per_noun, "images_per_class": images_per_class,
+                "noise_std": float(noise_std), "classes": plan}
+    if _manifest_matches(path, manifest):
+        return
+    if os.path.exists(path):
+        ours = os.path.isfile(os.path.join(path, SYNTHETIC_MANIFEST))
+        if not os.path.isdir(path) or (os.listdir(path) and not ours):
+            raise UserInputError(f"{path} exists and is not a synthetic dataset: pass a new or empty folder as "
+                                 f"--dataset_path for --dataset synthetic")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
+    try:
+        for c, (noun, adjs) in enumerate(plan.items()):
+            for a, adj in enumerate(adjs):
+                folder = os.path.join(tmp, "images", f"{adj} {noun}")
+                os.makedirs(folder)
+                for k in range(images_per_class):
+                    rng = _rng(seed, c, a, k, _SYNTHETIC_TAG)
+                    pixels = render_synthetic_image(noun, adj, image_size, rng, noise_std)
+                    Image.fromarray(pixels).save(os.path.join(folder, f"{k:03d}.jpg"), quality=92)
+        with open(os.path.join(tmp, SYNTHETIC_MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+        if os.path.exists(path):  # an empty folder or an older synthetic dataset: move it aside, then replace
+            old = f"{tmp}.old"
+            try:
+                os.rename(path, old)
+            except OSError:
+                if _manifest_matches(path, manifest):
+                    return
+                raise
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, path)
+            except OSError:  # another process installed it first
+                if not _manifest_matches(path, manifest):
+                    raise
+        logger.info("synthetic dataset written to %s (%d classes)", path, sum(len(a) for a in plan.values()))
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
