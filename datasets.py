@@ -945,8 +945,17 @@ class EpochBatchSampler(torch.utils.data.Sampler):
                 yield batch[bounds[self.rank]:bounds[self.rank + 1]]
 
 
-def collate_train(items: Sequence[dict | None]) -> dict:
-    """Stacks training items into a batch; items that are None (an unreadable image) are dropped."""
+def collate_train(items: Sequence[dict | None], keep_size: bool = False) -> dict:
+    """Stacks training items into a batch; items that are None (an unreadable image) are dropped.
+
+    ``keep_size=True`` (several processes, whose batch shares must stay equal for the all-gathers) replaces them
+    by copies of the first readable item instead.
+    """
+    if keep_size and any(it is None for it in items):
+        first = next((it for it in items if it is not None), None)
+        if first is None:
+            raise UserInputError("every image of a training batch share is unreadable; fix the dataset's images")
+        items = [first if it is None else it for it in items]
     items = [it for it in items if it is not None]
     if not items:
         return {"source_img": torch.empty(0, 3, 0, 0, dtype=torch.uint8),

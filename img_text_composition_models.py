@@ -100,7 +100,10 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
             self.text_model = None
             # BERT is frozen and kept out of the state dict (the original ran it in a separate server).
             object.__setattr__(self, "bert", text_encoder)
-        self.triplet_grad_scale = 1.0
+        self.triplet_grad_scale = 0.5  # the original's effective soft-triplet gradient (see soft_triplet_loss)
+        # Draws the soft-triplet negatives. Give it the same seed on every process so that all of them sample the
+        # same triplets of the global batch; None uses the global RNG.
+        self.loss_generator: torch.Generator | None = None
 
     # -- device handling: nn.Module.to/cuda/cpu all go through _apply; move the unregistered BERT along.
     def _apply(self, fn, *args, **kwargs):
@@ -136,7 +139,10 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
 
     # -- losses
     def base_loss(self, name: str, composed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return torch_functions.base_retrieval_loss(name, composed, target, triplet_grad_scale=self.triplet_grad_scale)
+        """The base loss over the whole (global) batch: with several processes the features are all-gathered."""
+        return torch_functions.base_retrieval_loss(
+            name, torch_functions.gather_batch(composed), torch_functions.gather_batch(target),
+            generator=self.loss_generator, triplet_grad_scale=self.triplet_grad_scale)
 
     def compute_loss(self, imgs_query: torch.Tensor, texts: Sequence[str], imgs_target: torch.Tensor,
                      loss: str = "soft_triplet") -> dict[str, torch.Tensor]:
@@ -361,6 +367,9 @@ class _AutoencoderBase(ImgEncoderTextEncoderBase):
         self.decoder, self.txtdecoder = _decoders(self.image_embed_dim, self.text_embed_dim)
 
     def extra_loss_terms(self, out, target_raw, loss):
+        # The original ran both decoders inside every composition (evaluation and the conjugate pass included),
+        # which only updated their BatchNorm running statistics more often; they are never used for retrieval,
+        # so here the decoders run once per step, in the loss.
         theta = out["repres"]
         return {"L2_loss": F.mse_loss(self.decoder(theta), out["img_features"]),
                 "L2_loss_text": F.mse_loss(self.txtdecoder(theta), out["text_features"])}
@@ -465,7 +474,7 @@ MODELS: dict[str, Callable[..., ImgEncoderTextEncoderBase]] = {
 
 
 def build_model(name: str, text_encoder, *, image_embed_dim: int = 512, image_weights: str = "none",
-                triplet_grad_scale: float = 1.0) -> ImgEncoderTextEncoderBase:
+                triplet_grad_scale: float = 0.5) -> ImgEncoderTextEncoderBase:
     """The model called ``name`` (the original's --model names) around ``text_encoder``."""
     if name not in MODELS:
         raise UserInputError(f"unknown --model {name!r}: use one of {', '.join(MODELS)}")

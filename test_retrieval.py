@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import RetrievalTask
+from torch_functions import distributed_world
 
 logger = logging.getLogger(__name__)
 
@@ -220,15 +221,6 @@ class _KeyedImages(Dataset):
         return self.dataset.load_image(self.keys[i])
 
 
-def _distributed_world() -> tuple[int, int]:
-    """(rank, world_size) of an initialised process group, (0, 1) otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, world_size: int,
                    device: torch.device) -> torch.Tensor:
     """Scatter this process's feature rows (n, D) to their positions ``index`` (n,) of a (total, D) fp32 tensor.
@@ -300,7 +292,7 @@ def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch
         first_param = next(model.parameters(), None)
         device = first_param.device if first_param is not None else torch.device("cpu")
     device = torch.device(device)
-    rank, world_size = _distributed_world()
+    rank, world_size = distributed_world()
     show = progress and rank == 0
 
     n_queries = len(task.query_source)

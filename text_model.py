@@ -54,7 +54,7 @@ class SimpleVocab:
 
     def encode_text(self, text: str) -> list[int]:
         # An empty text (e.g. only non-ASCII characters) becomes [<UNK>]: the original read the LSTM output at
-        # position -1 of the padded batch for it, i.e. some other text's last step.
+        # index -1, i.e. after the whole padded length of <UNK> tokens, so its feature depended on the batch.
         return [self.word2id.get(t, 0) for t in self.tokenize_text(text)] or [0]
 
     def __len__(self) -> int:

@@ -11,6 +11,7 @@ Everything runs on the features' device and is vectorised; gradients are autogra
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -56,12 +57,12 @@ def sample_soft_triplets(batch_size: int, negatives_per_anchor: int = 3, *,
 
 
 def soft_triplet_loss(features: torch.Tensor, triplets: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                      grad_scale: float = 1.0) -> torch.Tensor:
+                      grad_scale: float = 0.5) -> torch.Tensor:
     """Mean over triplets of ``log(1 + exp(d(i, j) - d(i, k)))`` with squared Euclidean distances d.
 
     features: (N, D). ``grad_scale`` scales the gradient and leaves the value alone. The original's hand-written
-    numpy backward dropped the factor 2 of d/dx ||x - y||^2, so its gradient was exactly 0.5 x autograd's; pass
-    ``grad_scale=0.5`` to reproduce that, 1.0 (the default) gives the true gradient.
+    numpy backward dropped the factor 2 of d/dx ||x - y||^2, so its gradient was exactly 0.5 x the true one: the
+    default 0.5 reproduces the original's training; 1.0 gives the true gradient of the loss.
     """
     i, j, k = triplets
     dist = pairwise_squared_distances(features)  # (N, N)
@@ -79,7 +80,7 @@ def batch_based_classification_loss(composed: torch.Tensor, target: torch.Tensor
 
 
 def base_retrieval_loss(name: str, composed: torch.Tensor, target: torch.Tensor, *,
-                        generator: torch.Generator | None = None, triplet_grad_scale: float = 1.0,
+                        generator: torch.Generator | None = None, triplet_grad_scale: float = 0.5,
                         negatives_per_anchor: int = 3) -> torch.Tensor:
     """The loss between composed queries (B, D) and their targets (B, D), by the original's ``--loss`` name."""
     if name == "soft_triplet":
@@ -106,3 +107,86 @@ class NormalizationLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
         return self.norm_s * x / x.norm(dim=1, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data parallelism. With several processes the computation is an exact split of the single-GPU one: every loss
+# sees the whole global batch (features are all-gathered) and every BatchNorm normalises with the statistics of the
+# whole global batch, as the papers' single-GPU runs of batch 32 did.
+def distributed_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B_local, ...) -> (B_global, ...) in rank order, differentiable; ``x`` itself in a single process.
+
+    Every rank then computes the same global loss; the backward of the gather sums the ranks' gradients, and
+    DistributedDataParallel averages them, which together give exactly the single-process gradient.
+    """
+    _, world = distributed_world()
+    if world == 1:
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch over all processes.
+
+    Same parameters, buffers and state-dict keys as BatchNorm1d/2d; identical to them in one process and in eval
+    mode. Unlike torch.nn.SyncBatchNorm it runs on any device and backend (gloo on the CPU included): one
+    differentiable all-gather of [count, mean, centred sum of squares] per layer.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input, got {x.dim()}D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, world = distributed_world()
+        if not self.training or world == 1:
+            return super().forward(x)
+        import torch.distributed.nn.functional as dist_fn
+
+        c = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
+        # Per-process count, mean and centred sum of squares, combined exactly (Chan et al.'s parallel variance):
+        # stable where E[x^2] - E[x]^2 would cancel catastrophically.
+        n_local = x.numel() // c
+        mean_local = xf.mean(dims)  # (C,)
+        m2_local = (xf - mean_local.view([1, c] + [1] * (x.dim() - 2))).pow(2).sum(dims)  # (C,)
+        count = torch.full((1,), float(n_local), dtype=torch.float32, device=x.device)
+        stats = torch.stack(dist_fn.all_gather(torch.cat([count, mean_local, m2_local])))  # (W, 2C + 1)
+        counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n  # (C,)
+        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n  # (C,) biased, as BatchNorm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked + 1)
+                self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - m).add_(m * (var * n / (n - 1)).to(self.running_var.dtype))
+                self.num_batches_tracked.add_(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_to_global_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every BatchNorm1d/2d in ``module`` by a GlobalBatchNorm holding the same parameters and buffers."""
+    if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new.to(next(iter(module.state_dict().values())).device)
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_global_batchnorm(child))
+    return module

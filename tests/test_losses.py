@@ -40,16 +40,16 @@ def test_soft_triplet_value_and_gradient_match_a_plain_loop():
     torch.manual_seed(0)
     x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     i, j, k = (torch.tensor(c) for c in zip(*FIXED))
-    ours = TF.soft_triplet_loss(x, (i, j, k))
+    ours = TF.soft_triplet_loss(x, (i, j, k), grad_scale=1.0)  # the true gradient
     (g_ours,) = torch.autograd.grad(ours, x)
     x_ref = x.detach().clone().requires_grad_(True)
     ref = loop_soft_triplet(x_ref, FIXED)
     (g_ref,) = torch.autograd.grad(ref, x_ref)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(g_ours, g_ref)
-    # the original's numpy backward is exactly half of the true gradient; grad_scale=0.5 reproduces it
+    # the original's numpy backward is exactly half of the true gradient; the default grad_scale=0.5 reproduces it
     torch.testing.assert_close(g_ref * 0.5, original_numpy_gradient(x, FIXED))
-    half = TF.soft_triplet_loss(x, (i, j, k), grad_scale=0.5)
+    half = TF.soft_triplet_loss(x, (i, j, k))
     (g_half,) = torch.autograd.grad(half, x)
     torch.testing.assert_close(half, ours)
     torch.testing.assert_close(g_half, original_numpy_gradient(x, FIXED))

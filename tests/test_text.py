@@ -57,6 +57,7 @@ def test_bert_pooling_matches_a_hand_computation(tiny_bert_32):
     long_text = " ".join(["red apple"] * 30)  # 60 words: truncated to 23 + [CLS] + [SEP]
     batch = ["red", "replace red with blue", long_text]
     got = enc.encode_uncached(batch)
+    assert not torch.allclose(got[0], got[1])  # the tokenizer knows the words: no all-[UNK] texts
     for row, text in zip(got, batch):
         torch.testing.assert_close(row, hand_pooled(tiny_bert_32, text), rtol=1e-5, atol=1e-5)
     # the mean really is over layer -2 and includes [CLS]/[SEP]: a last-layer or word-only mean differs

@@ -1,0 +1,116 @@
+"""Data parallelism: 2 processes (gloo, CPU) train exactly like one process on the same global batch."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import datasets
+import main
+import torch_functions as TF
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def argv(data: str, log_dir: str, bert: str, loss: str) -> list[str]:
+    return ["--dataset", "mitstates", "--dataset_path", data, "--model", "tirg", "--use_bert", "True",
+            "--bert_model", bert, "--loss", loss, "--image_size", "32", "--batch_size", "8", "--num_iters", "2",
+            "--log_every", "1", "--eval_every", "2", "--save_every", "2", "--train_eval_queries", "16",
+            "--loader_num_workers", "0", "--device", "cpu", "--image_weights", "none", "--log_dir", log_dir,
+            "--learning_rate", "0.002", "--seed", "3"]
+
+
+def _worker(rank: int, world: int, port: int, args: list[str]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    assert main.main(args) == 0
+
+
+def final_state(log_dir: str) -> tuple[dict, dict]:
+    (ckpt,) = glob.glob(os.path.join(log_dir, "*", "latest_checkpoint.pth"))
+    (metrics,) = glob.glob(os.path.join(log_dir, "*", "metrics.json"))
+    with open(metrics) as f:
+        return main.read_checkpoint(ckpt), json.load(f)["latest"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("ddp_data"))
+    datasets.generate_synthetic(path, seed=1, image_size=32, n_train_nouns=3, n_test_nouns=2, adjectives_per_noun=3,
+                                images_per_class=3)
+    return path
+
+
+@pytest.mark.parametrize("loss", ["batch_based_classification", "soft_triplet"])
+def test_two_processes_match_one_process_on_the_same_global_batch(loss, tiny_data, tiny_bert_32, tmp_path):
+    single, double = str(tmp_path / "single"), str(tmp_path / "double")
+    assert main.main(argv(tiny_data, single, tiny_bert_32, loss)) == 0
+    mp.spawn(_worker, args=(2, free_port(), argv(tiny_data, double, tiny_bert_32, loss)), nprocs=2, join=True)
+    (one, m1), (two, m2) = final_state(single), final_state(double)
+    assert one["it"] == two["it"] == 2
+    assert len(two["rng"]) == 2  # every process's random state is saved
+    moved = 0
+    for key, value in one["model_state_dict"].items():
+        other = two["model_state_dict"][key]
+        if value.is_floating_point():
+            torch.testing.assert_close(other, value, rtol=1e-3, atol=1e-4, msg=key)
+            moved += int(key.endswith("running_mean"))
+        else:
+            assert torch.equal(other, value), key
+    assert moved > 10  # BatchNorm statistics are those of the global batch, in every layer
+    # the sharded evaluation runs and reports every metric (its exact equality is tested in test_retrieval.py;
+    # here the weights differ by float noise, which can flip a tie in a 36-query task)
+    assert set(m2) == set(m1)
+
+
+def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    bn = TF.convert_to_global_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(4))).double()
+    part = x[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+    y = TF.gather_batch(bn(part))
+    (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grad_w = bn[0].weight.grad.clone()
+    torch.distributed.all_reduce(grad_w)  # what DistributedDataParallel does, before its division by 2
+    if rank == 0:
+        torch.save({"y": y.detach(), "grad_w": grad_w, "mean": bn[0].running_mean,
+                    "var": bn[0].running_var}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_global_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path):
+    out = str(tmp_path / "bn.pt")
+    mp.spawn(_bn_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 3, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(4).double()
+    y = bn(x)
+    (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    torch.testing.assert_close(got["y"], y.detach())
+    torch.testing.assert_close(got["mean"], bn.running_mean)
+    torch.testing.assert_close(got["var"], bn.running_var)
+    # every process holds the global loss, so the summed gradient is 2x; DDP's average halves it to the true one
+    torch.testing.assert_close(got["grad_w"] / 2, bn.weight.grad)
+
+
+def test_global_batchnorm_keeps_keys_and_is_plain_batchnorm_in_one_process():
+    plain = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    converted = TF.convert_to_global_batchnorm(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)))
+    converted.load_state_dict(plain.state_dict())
+    assert isinstance(converted[1], TF.GlobalBatchNorm)
+    assert list(converted.state_dict()) == list(plain.state_dict())
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(converted(x), plain(x))
