@@ -67,6 +67,15 @@ def str2bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already states it (the flags with a synthetic preset)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Bad flags: one line on stderr and exit code 2 (argparse's default adds the whole usage)."""
 
@@ -76,7 +85,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="main.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=DefaultsFormatter)
     syn = " [synthetic: {}]"
     # -- the original's flags
     p.add_argument("-f", type=str, default="", help="ignored (lets the original run inside Jupyter)")
@@ -136,7 +145,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "mean recall_top10 over Fashion IQ categories")
     g.add_argument("--exclude_source_adj", type=str2bool, default=False,
                    help="MIT-States training targets never take the source's own adjective (the original allowed it)")
-    g.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast on CUDA")
+    g.add_argument("--amp", type=str2bool, default=False, help="bf16 autocast (mixed precision) for the forward passes")
     g.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format for the images")
     g.add_argument("--image_cache", type=str, default="", help="folder for the decode-once uint8 image cache ('' = off)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the image encoder (opt-in)")
