@@ -258,9 +258,19 @@ def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = 
 
 
 def run_folder(args) -> str:
-    """The original's run folder name: <log_dir>/<Mon DD_HH-MM-SS>_<host><comment>."""
+    """Creates and returns the original's run folder <log_dir>/<Mon DD_HH-MM-SS>_<host><comment>; a run started in
+    the same second with the same comment gets <name>_1, _2, ... instead of sharing (overwriting) the folder."""
     stamp = datetime.now().strftime("%b%d_%H-%M-%S")
-    return os.path.join(args.log_dir, f"{stamp}_{socket.gethostname()}{args.comment}")
+    base = os.path.join(args.log_dir, f"{stamp}_{socket.gethostname()}{args.comment}")
+    os.makedirs(args.log_dir, exist_ok=True)
+    for n in range(1000):
+        folder = f"{base}_{n}" if n else base
+        try:
+            os.mkdir(folder)  # atomic: concurrent runs cannot both get it
+            return folder
+        except FileExistsError:
+            continue
+    raise UserInputError(f"{base}: 1000 runs started in this second; use --comment to tell them apart")
 
 
 def train_one_step(model, batch: dict, optimizer, scheduler, args, device: torch.device) -> dict[str, torch.Tensor]:
@@ -290,10 +300,15 @@ def autocast(device: torch.device, enabled: bool):
 def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
     """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them."""
     out = {}
-    for split, (dataset, task) in tasks.items():
-        metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
-                                          num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
-        out.update({f"{split} {name}": value for name, value in metrics.items()})
+    saved = rng_state(model)  # evaluation's DataLoaders draw seeds: it must not move training's random streams
+    try:
+        for split, (dataset, task) in tasks.items():
+            metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
+                                              num_workers=args.loader_num_workers, amp=args.amp,
+                                              desc=f"eval {split}")
+            out.update({f"{split} {name}": value for name, value in metrics.items()})
+    finally:
+        set_rng_state(model, saved)
     if distributed_world()[0] == 0:
         for name, value in out.items():
             print("    ", name, round(value, 4), flush=True)
@@ -367,9 +382,6 @@ class Run:
         hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(self.args).items()}
         for summary in hparams(hp, {k: v for k, v in final.items() if k.startswith("test ")}):
             self.writer.file_writer.add_summary(summary)
-        for name, value in final.items():
-            if name.startswith("test "):
-                self.writer.add_scalar(name, value)
         self.writer.close()
 
 
@@ -435,46 +447,50 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
     sums, count, metrics = {}, 0, {}
     model.train()
     progress = tqdm_bar(total=args.num_iters, initial=it, desc="train", disable=rank != 0)
-    while it < args.num_iters:
-        sampler.set_epoch(epoch)
-        sampler.set_start_batch(batch_in_epoch)
-        for batch in loader:
-            if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
-                continue
-            terms = train_one_step(step_model, batch, optimizer, scheduler, args, device)
-            it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
-            sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
-            progress.update(1)
-            if it % args.log_every == 0 or it == args.num_iters:
-                averages = mean_over_processes(sums, count)
-                if not all(math.isfinite(v) for v in averages.values()):
-                    raise TrainingDiverged(
-                        f"the loss is not finite ({averages}) in iterations {it - count + 1}..{it}; stopped. The last "
-                        f"good checkpoint is {latest if os.path.exists(latest) else 'none (none was written yet)'}; "
-                        f"lower --learning_rate or resume from it")
-                averages["learning_rate"] = optimizer.param_groups[0]["lr"]
-                run.scalars(averages, it)
-                progress.set_postfix(loss=f"{averages['total training loss']:.4f}")
-                sums, count = {}, 0
+    try:  # an error is printed after the bar's last line, not on it
+        while it < args.num_iters:
+            sampler.set_epoch(epoch)
+            sampler.set_start_batch(batch_in_epoch)
+            for batch in loader:
+                if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
+                    continue
+                terms = train_one_step(step_model, batch, optimizer, scheduler, args, device)
+                it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
+                sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+                progress.update(1)
+                log_due = it % args.log_every == 0 or it == args.num_iters
+                if log_due or eval_due(it) or it % save_every == 0:  # never evaluate or save diverged weights
+                    averages = mean_over_processes(sums, count)
+                    if not all(math.isfinite(v) for v in averages.values()):
+                        raise TrainingDiverged(
+                            f"the loss is not finite ({averages}) in iterations {it - count + 1}..{it}; stopped. The last "
+                            f"good checkpoint is {latest if os.path.exists(latest) else 'none (none was written yet)'}; "
+                            f"lower --learning_rate or resume from it")
+                if log_due:
+                    averages["learning_rate"] = optimizer.param_groups[0]["lr"]
+                    run.scalars(averages, it)
+                    progress.set_postfix(loss=f"{averages['total training loss']:.4f}")
+                    sums, count = {}, 0
 
-            def state():
-                return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
+                def state():
+                    return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
 
-            if eval_due(it) or it == args.num_iters:
-                metrics = evaluate_all(args, model, tasks, device)
-                model.train()
-                run.metrics(metrics, it)
-                score = best_score(metrics, args.best_metric)
-                if score > best:
-                    best = score
-                    run.save("best_checkpoint.pth", state)
-            if it % save_every == 0 or it == args.num_iters:
-                run.save("latest_checkpoint.pth", state)
-            if it >= args.num_iters:
-                break
-        else:
-            epoch, batch_in_epoch = epoch + 1, 0
-    progress.close()
+                if eval_due(it) or it == args.num_iters:
+                    metrics = evaluate_all(args, model, tasks, device)
+                    model.train()
+                    run.metrics(metrics, it)
+                    score = best_score(metrics, args.best_metric)
+                    if score > best:
+                        best = score
+                        run.save("best_checkpoint.pth", state)
+                if it % save_every == 0 or it == args.num_iters:
+                    run.save("latest_checkpoint.pth", state)
+                if it >= args.num_iters:
+                    break
+            else:
+                epoch, batch_in_epoch = epoch + 1, 0
+    finally:
+        progress.close()
     return metrics
 
 
@@ -537,7 +553,7 @@ def run_main(args: argparse.Namespace) -> int:
     tasks = {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed)),
              "test": (testset, testset.test_task())}
 
-    folder = os.path.dirname(os.path.abspath(args.resume)) if args.resume else run_folder(args)
+    folder = os.path.dirname(os.path.abspath(args.resume)) if args.resume else (run_folder(args) if rank == 0 else "")
     if world > 1:  # the folder name holds the time: take rank 0's
         names = [folder]
         torch.distributed.broadcast_object_list(names, src=0)

@@ -164,12 +164,12 @@ class BertTextEncoder:
     def cache_texts(self, texts: Iterable[str]) -> None:
         """Encode every text not yet cached (in batches)."""
         new = list(dict.fromkeys(t for t in texts if t not in self._rows))
-        for start in range(0, len(new), self.encode_batch_size):
-            chunk = new[start:start + self.encode_batch_size]
-            vectors = self.encode_uncached(chunk)
-            for t in chunk:
-                self._rows[t] = len(self._rows)
-            self._table = torch.cat([self._table, vectors])
+        # One text per forward pass: a text's vector must not depend on the texts it happened to be batched with
+        # (the matmul kernels differ with the batch shape, ~1e-7), or a run depends on the order it saw its texts.
+        vectors = [self.encode_uncached([t]) for t in new]  # B x (1, H)
+        for t in new:
+            self._rows[t] = len(self._rows)
+        self._table = torch.cat([self._table, *vectors])
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """texts -> (B, H), from the cache (encoding the texts it has not seen yet)."""

@@ -75,7 +75,7 @@ def test_bert_cache_returns_the_same_vectors_and_runs_bert_once_per_text(tiny_be
     torch.testing.assert_close(first[[0, 1]], fresh)
     torch.testing.assert_close(again, fresh[[1, 0]])
     torch.testing.assert_close(first[0], first[2])
-    assert calls == [["red", "blue"]]
+    assert calls == [["red"], ["blue"]]  # one text per forward: a vector never depends on its batch-mates
 
 
 def test_packaged_minilm_resolves_to_a_local_folder():
