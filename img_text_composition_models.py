@@ -7,6 +7,7 @@ checkpoints written by the original code load here. The text width follows the t
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -34,9 +35,18 @@ def normalize_images(imgs: torch.Tensor) -> torch.Tensor:
     """
     if imgs.dtype != torch.uint8:
         return imgs
-    mean = torch.tensor(IMAGENET_MEAN, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = _imagenet_stats(imgs.device)
     return (imgs.float() / 255.0 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) ImageNet mean and std on ``device``, made once per device: ``torch.tensor(..., device=cuda)``
+    on every call was a blocking host-to-device copy (a host sync) per image batch."""
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors even when first called in evaluation
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device)
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device)
+    return mean, std
 
 
 def build_image_encoder(image_embed_dim: int = 512, weights: str = "none") -> torchvision.models.ResNet:

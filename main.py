@@ -149,6 +149,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format for the images")
     g.add_argument("--image_cache", type=str, default="", help="folder for the decode-once uint8 image cache ('' = off)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the image encoder (opt-in)")
+    g.add_argument("--cudnn_benchmark", type=str2bool, default=False,
+                   help="let cuDNN time its convolution algorithms for the fixed image shapes (CUDA)")
     return p
 
 
@@ -410,6 +412,29 @@ def mean_over_processes(sums: dict[str, torch.Tensor], count: int) -> dict[str, 
     return dict(zip(sums, values.tolist()))
 
 
+def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.utils.data.DataLoader:
+    """The training DataLoader over ``sampler``'s batches (also used by benchmark.py)."""
+    _, world = distributed_world()
+    return torch.utils.data.DataLoader(
+        trainset, batch_sampler=sampler, num_workers=args.loader_num_workers,
+        collate_fn=functools.partial(datasets.collate_train, keep_size=world > 1),
+        pin_memory=device.type == "cuda", persistent_workers=args.loader_num_workers > 0,
+        generator=torch.Generator().manual_seed(args.seed))  # own generator: worker seeds leave the global RNG alone
+
+
+def place_model(args, model, device: torch.device):
+    """Moves the model to ``device`` with the speed options: channels_last ResNet, torch.compile (opt-in),
+    cuDNN autotuning (also used by benchmark.py)."""
+    model.to(device)
+    if args.channels_last:
+        model.img_model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.img_model.compile()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return model
+
+
 def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, start: dict | None,
           step_model=None) -> dict:
     """The training loop: exactly --num_iters steps, periodic logging, evaluation and atomic checkpoints.
@@ -426,11 +451,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
     if len(sampler) == 0:
         raise UserInputError(f"{args.dataset_path}: {len(trainset)} training items, fewer than --batch_size "
                              f"{args.batch_size}; lower --batch_size")
-    loader = torch.utils.data.DataLoader(
-        trainset, batch_sampler=sampler, num_workers=args.loader_num_workers,
-        collate_fn=functools.partial(datasets.collate_train, keep_size=world > 1),
-        pin_memory=device.type == "cuda", persistent_workers=args.loader_num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))  # own generator: worker seeds leave the global RNG alone
+    loader = make_train_loader(args, trainset, sampler, device)
     epoch_len = len(sampler)
     save_every = args.save_every or epoch_len  # 0: every epoch, as the original
 
@@ -545,11 +566,7 @@ def run_main(args: argparse.Namespace) -> int:
     # the soft-triplet sampler: the same seed on every process, so all draw the same triplets of the global batch
     model.loss_generator = torch.Generator(device).manual_seed(args.seed)
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
-    model.to(device)
-    if args.channels_last:
-        model.img_model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.img_model.compile()
+    place_model(args, model, device)
     tasks = {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed)),
              "test": (testset, testset.test_task())}
 

@@ -264,6 +264,17 @@ def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, w
     return out
 
 
+def _scatter_rows(buf: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``buf[rows[i]] = values[i]`` for the i with ``rows[i] >= 0``; ``rows`` (B,) on the CPU, so the selection
+    needs no host-device synchronisation."""
+    keep = torch.nonzero(rows >= 0).flatten()  # (K,) CPU
+    if keep.numel() == 0:
+        return
+    dst = rows[keep].to(buf.device, non_blocking=True)
+    src = values if keep.numel() == rows.numel() else values.index_select(0, keep.to(values.device, non_blocking=True))
+    buf.index_copy_(0, dst, src.to(buf.dtype))
+
+
 def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
              device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
              max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
@@ -336,25 +347,25 @@ def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch
                     embedding, state = model.image_features(imgs)  # (B, D), (B, ...)
                 if not isinstance(state, torch.Tensor):
                     raise TypeError(f"model.image_features must return a tensor state, got {type(state).__name__}")
-                g_rows = gallery_rows_t[start:start + imgs.shape[0]].to(device)  # (B,)
-                s_rows = source_rows_t[start:start + imgs.shape[0]].to(device)  # (B,)
+                g_rows = gallery_rows_t[start:start + imgs.shape[0]]  # (B,) on the CPU
+                s_rows = source_rows_t[start:start + imgs.shape[0]]  # (B,) on the CPU
                 start += imgs.shape[0]
                 if gallery_buf is None and n_gal_local:
                     gallery_buf = torch.empty(n_gal_local, embedding.shape[1], dtype=torch.float32, device=device)
                 if state_buf is None and n_src_local:
                     state_buf = torch.empty((n_src_local,) + tuple(state.shape[1:]), dtype=state.dtype,
                                             device=device)
-                keep = g_rows >= 0
+                # which rows to keep is known on the CPU: index copies, no boolean mask on the device (host sync)
                 if gallery_buf is not None:
-                    gallery_buf[g_rows[keep]] = embedding[keep].float()
-                keep = s_rows >= 0
+                    _scatter_rows(gallery_buf, g_rows, embedding.float())
                 if state_buf is not None:
-                    state_buf[s_rows[keep]] = state[keep]
+                    _scatter_rows(state_buf, s_rows, state)
 
             query_parts = []
             for b in tqdm(range(0, len(my_queries), batch_size), desc=f"{desc} queries", disable=not show):
                 batch = my_queries[b:b + batch_size]
-                rows = torch.tensor([source_row_of[task.query_source[q]] for q in batch], device=device)  # (B,)
+                rows = torch.tensor([source_row_of[task.query_source[q]] for q in batch]).to(
+                    device, non_blocking=True)  # (B,) no host sync
                 with autocast:
                     text_feats = model.extract_text_feature([task.query_text[q] for q in batch])  # (B, T)
                     repres = model.compose_img_text_features(state_buf[rows], text_feats)["repres"]  # (B, D)

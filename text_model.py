@@ -82,12 +82,15 @@ class TextLSTMModel(torch.nn.Module):
         """texts: B strings -> (B, lstm_hidden_dim)."""
         device = self.embedding_layer.weight.device
         encoded = [self.vocab.encode_text(t) for t in texts]
-        lengths = torch.tensor([len(e) for e in encoded], device=device)  # (B,)
-        ids = torch.zeros(int(lengths.max()), len(encoded), dtype=torch.long)  # (T, B), padded with <UNK>
+        lengths = [len(e) for e in encoded]
+        ids = torch.zeros(max(lengths), len(encoded), dtype=torch.long)  # (T, B), padded with <UNK>
         for b, e in enumerate(encoded):
             ids[: len(e), b] = torch.tensor(e)
-        out, _ = self.lstm(self.embedding_layer(ids.to(device)))  # (T, B, H); zero initial state as the original
-        last = out[lengths - 1, torch.arange(len(encoded), device=device)]  # (B, H) at each text's last token
+        # built on the CPU, copied without waiting for the device (no host sync per batch)
+        ids = ids.to(device, non_blocking=True)
+        index = torch.tensor([[n - 1 for n in lengths], list(range(len(encoded)))]).to(device, non_blocking=True)
+        out, _ = self.lstm(self.embedding_layer(ids))  # (T, B, H); zero initial state as the original
+        last = out[index[0], index[1]]  # (B, H) at each text's last token
         return self.fc_output(last)
 
 
@@ -174,7 +177,7 @@ class BertTextEncoder:
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
         """texts -> (B, H), from the cache (encoding the texts it has not seen yet)."""
         self.cache_texts(texts)
-        rows = torch.tensor([self._rows[t] for t in texts], device=self.device)
+        rows = torch.tensor([self._rows[t] for t in texts]).to(self.device, non_blocking=True)  # no host sync
         return self._table[rows]
 
 

@@ -47,7 +47,7 @@ def sample_soft_triplets(batch_size: int, negatives_per_anchor: int = 3, *,
     # random scores (drawn where the generator lives); the anchor and its positive are never drawn as negatives
     scores = torch.rand(n, n, generator=generator,
                         device=generator.device if generator is not None else labels.device).to(labels.device)
-    scores[labels.unsqueeze(1) == labels.unsqueeze(0)] = float("inf")
+    scores = scores.masked_fill(labels.unsqueeze(1) == labels.unsqueeze(0), float("inf"))  # no host sync
     m = min(negatives_per_anchor, n - 2)
     negatives = scores.argsort(dim=1)[:, :m]  # (2B, m) distinct, uniformly random subset
     i = anchors.repeat_interleave(m)

@@ -1,0 +1,242 @@
+"""The fast settings change speed, not results: image cache, bf16 autocast, channels_last; and benchmark.py runs.
+
+Every check goes through the code paths that main.py and benchmark.py use (build_datasets, EpochBatchSampler,
+collate_train in a DataLoader, main.create_model_and_optimizer, main.train_one_step). No timings are asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import benchmark
+import datasets
+import main
+
+S = 32  # image side
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("fast") / "synthetic")
+    datasets.generate_synthetic(path, seed=0, image_size=40, n_train_nouns=2, n_test_nouns=1,
+                                adjectives_per_noun=3, images_per_class=4)
+    return path
+
+
+def make_args(path: str, *extra: str) -> argparse.Namespace:
+    argv = ["--dataset", "mitstates", "--dataset_path", path, "--image_size", str(S), "--image_weights", "none",
+            "--batch_size", "8", "--loss", "batch_based_classification", "--loader_num_workers", "0",
+            "--device", "cpu", *extra]
+    return main.resolve_defaults(main.get_args_parser().parse_args(argv))
+
+
+def loader_batches(trainset, args, n: int, workers: int) -> list[dict]:
+    """The first ``n`` training batches through the loader main.train builds (epochs 0, 1, ...)."""
+    sampler = datasets.EpochBatchSampler(trainset, args.batch_size, args.seed)
+    loader = torch.utils.data.DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=datasets.collate_train,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    return [b for _, b in zip(range(n), benchmark.endless_batches(loader, sampler))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def test_cached_training_batches_equal_uncached(synthetic, tmp_path):
+    """End to end (datasets.py's own tests compare single images): batches built from the memmap cache by loader
+    worker processes equal batches decoded from the JPEGs, over an epoch boundary."""
+    cache = str(tmp_path / "cache")
+    args = make_args(synthetic)
+    plain, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    cached, cached_test = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0, image_cache=cache)
+    assert len(os.listdir(cache)) == 4  # train and test: data + sidecar each
+    n = len(datasets.EpochBatchSampler(plain, args.batch_size, 0)) + 1  # crosses into epoch 1
+    fresh = loader_batches(plain, args, n, workers=0)
+    from_cache = loader_batches(cached, args, n, workers=2)
+    assert len(fresh) == len(from_cache) == n
+    for a, b in zip(fresh, from_cache):
+        assert a["source_img"].dtype == b["source_img"].dtype == torch.uint8
+        assert a["source_img"].shape == (args.batch_size, 3, S, S)
+        assert torch.equal(a["source_img"], b["source_img"]) and torch.equal(a["target_img"], b["target_img"])
+        assert a["text"] == b["text"] and torch.equal(a["target_img_id"], b["target_img_id"])
+    # a cache of a different image size is a different cache, never a resized copy of this one
+    other, _ = datasets.build_datasets("mitstates", synthetic, image_size=S // 2, seed=0, image_cache=cache)
+    assert other[(0, 0, 0)]["source_img"].shape == (3, S // 2, S // 2) and len(os.listdir(cache)) == 8
+    assert torch.equal(cached_test.load_image(3), datasets.load_rgb_uint8(cached_test.imgs[3]["file_path"], S))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def _step(args, model, optimizer, scheduler, batch):
+    torch.manual_seed(123)  # the same dropout masks in both runs
+    terms = main.train_one_step(model, batch, optimizer, scheduler, args, torch.device("cpu"))
+    grad = model.img_model.fc[0].weight.grad.detach().clone()
+    return {k: float(v) for k, v in terms.items()}, grad
+
+
+def _twin_models(args, trainset):
+    torch.manual_seed(0)
+    model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    twin = copy.deepcopy(model)  # the same weights (and, for BERT, the same frozen encoder)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=args.learning_rate, momentum=0.9)  # compared: loss, grads
+    twin_sched = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda it: 1.0)
+    return (model, optimizer, scheduler), (twin, twin_opt, twin_sched)
+
+
+def test_amp_training_step_loss_close_to_fp32(synthetic, tiny_bert_32):
+    """bf16 autocast (CPU) on the same weights and batch of ComposeAE + BERT: every loss term stays within 2% of
+    fp32, the image encoder really ran in bf16, and the gradient of the image embedding layer points the same way
+    (cosine > 0.9; bf16 at random initialisation gives ~0.95 here, a broken cast gives ~0)."""
+    extra = ["--model", "composeAE", "--use_bert", "True", "--bert_model", tiny_bert_32, "--batch_size", "16"]
+    fp32_args, amp_args = make_args(synthetic, *extra), make_args(synthetic, *extra, "--amp", "True")
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    batch = loader_batches(trainset, fp32_args, 1, workers=0)[0]
+    (m32, o32, s32), (m16, o16, s16) = _twin_models(fp32_args, trainset)
+    dtypes = []
+    m16.img_model.conv1.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    loss32, grad32 = _step(fp32_args, m32, o32, s32, batch)
+    loss16, grad16 = _step(amp_args, m16, o16, s16, batch)
+    assert dtypes and all(d == torch.bfloat16 for d in dtypes)  # autocast reached the ResNet
+    assert loss32.keys() == loss16.keys()
+    for name in loss32:
+        assert loss16[name] == pytest.approx(loss32[name], rel=2e-2, abs=1e-3), name
+    assert loss16["total training loss"] != loss32["total training loss"]  # bf16 really changed the arithmetic
+    cos = torch.nn.functional.cosine_similarity(grad32.flatten(), grad16.flatten(), dim=0)
+    assert cos > 0.9
+
+
+def test_channels_last_training_step_matches_contiguous(synthetic):
+    """--channels_last (images and ResNet in channels_last, as main.py sets it) gives the loss and gradients of
+    the contiguous layout."""
+    extra = ["--model", "tirg", "--use_bert", "False"]
+    args, cl_args = make_args(synthetic, *extra), make_args(synthetic, *extra, "--channels_last", "True")
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    batch = loader_batches(trainset, args, 1, workers=0)[0]
+    (m, o, s), (mc, oc, sc) = _twin_models(args, trainset)
+    mc.img_model.to(memory_format=torch.channels_last)  # as main.run_main
+    layouts = []
+    mc.img_model.conv1.register_forward_pre_hook(
+        lambda mod, inp: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    loss, grad = _step(args, m, o, s, batch)
+    loss_cl, grad_cl = _step(cl_args, mc, oc, sc, batch)
+    assert layouts and all(layouts)  # the images really reached the ResNet in channels_last
+    assert mc.img_model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for name in loss:
+        assert loss_cl[name] == pytest.approx(loss[name], rel=1e-4, abs=1e-5), name
+    assert (grad_cl - grad).norm() <= 1e-3 * grad.norm()  # fp32 summation order only
+
+
+# ----------------------------------------------------------------------------------------------------------------
+EXPECTED_KEYS = {"train_samples_per_s", "train_step_ms", "eval_queries_per_s", "eval_seconds", "peak_memory_bytes",
+                 "peak_memory_kind", "settings", "data", "timings_s", "loss_finite"}
+EXPECTED_SETTINGS = {"model", "text_encoder", "bert_model", "batch_size", "amp", "channels_last", "image_cache",
+                     "workers", "compile", "device", "device_name", "torch_version", "image_size"}
+
+
+def test_benchmark_cpu_preset_prints_one_json(tmp_path, capsys):
+    data_dir, prof = str(tmp_path / "bench"), str(tmp_path / "prof")
+    rc = benchmark.main(["--size", "cpu", "--device", "cpu", "--data_dir", data_dir, "--bert_model", "random-bert-tiny",
+                         "--batch_size", "8", "--iters", "2", "--warmup", "1", "--amp", "False", "--eval",
+                         "--image_cache", "auto",
+                         "--profile", prof, "--profile_steps", "1", "--output", str(tmp_path / "out.json")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    result = json.loads(out)  # stdout is exactly one JSON object
+    assert EXPECTED_KEYS <= set(result) and EXPECTED_SETTINGS <= set(result["settings"])
+    assert result["train_samples_per_s"] > 0 and result["eval_queries_per_s"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["train_samples"] == 2 * 8 and result["loss_finite"]
+    s, d = result["settings"], result["data"]
+    assert (s["model"], s["text_encoder"], s["batch_size"], s["amp"], s["channels_last"], s["device"]) == \
+        ("composeAE", "bert", 8, False, False, "cpu")
+    assert s["image_cache"] == os.path.abspath(os.path.join(data_dir, "cache")) and os.listdir(s["image_cache"])
+    p = benchmark.PRESETS["cpu"]
+    n_classes = (p["n_train_nouns"] + p["n_test_nouns"]) * p["adjectives_per_noun"]
+    assert d["train_images"] + d["test_images"] == n_classes * p["images_per_class"]
+    assert result["eval_queries"] == d["test_queries"] == d["test_images"] * (p["adjectives_per_noun"] - 1)
+    assert os.path.isfile(result["profile"]["trace"]) and result["profile"]["top_ops"]
+    assert "benchmark/train_one_step" in result["profile"]["regions"]
+    with open(tmp_path / "out.json") as f:
+        assert json.load(f)["settings"] == s
+
+
+def test_full_preset_matches_reference_test_split():
+    """The full preset reproduces the reference's test split: 3,528 images and 17,640 queries, ~14.3k images."""
+    p = benchmark.PRESETS["full"]
+    test_images = p["n_test_nouns"] * p["adjectives_per_noun"] * p["images_per_class"]
+    total = (p["n_train_nouns"] + p["n_test_nouns"]) * p["adjectives_per_noun"] * p["images_per_class"]
+    assert test_images == benchmark.REFERENCE["eval_gallery"]
+    assert test_images * (p["adjectives_per_noun"] - 1) == benchmark.REFERENCE["eval_queries"]
+    assert abs(total - benchmark.REFERENCE["images"]) / benchmark.REFERENCE["images"] < 0.1
+    assert p["n_train_nouns"] <= len(datasets.SYNTHETIC_TRAIN_NOUNS)
+    assert p["n_test_nouns"] <= len(datasets.SYNTHETIC_TEST_NOUNS)
+    assert (p["jpeg_size"], p["image_size"], p["batch_size"], p["workers"]) == (128, 224, 32, 8)
+
+
+def test_parallel_generation_is_byte_identical(tmp_path):
+    params = dict(seed=3, image_size=24, n_train_nouns=2, n_test_nouns=1, adjectives_per_noun=3, images_per_class=2)
+    serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
+    datasets.generate_synthetic(serial, **params)
+    benchmark.generate_synthetic_parallel(parallel, workers=2, chunk=1, **params)
+
+    def tree(root):
+        out = {}
+        for folder, _, files in os.walk(root):
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f:
+                    out[os.path.relpath(os.path.join(folder, name), root)] = f.read()
+        return out
+
+    a, b = tree(serial), tree(parallel)
+    assert len(a) == 3 * 3 * 2 + 1 and a == b
+    manifest = os.path.join(parallel, datasets.SYNTHETIC_MANIFEST)
+    mtime = os.path.getmtime(manifest)
+    datasets.generate_synthetic(parallel, **params)  # recognised as its own output: not rewritten
+    assert os.path.getmtime(manifest) == mtime
+
+
+def test_random_bert_covers_synthetic_words(tmp_path):
+    from transformers import AutoTokenizer, BertConfig
+
+    path = benchmark.make_random_bert(str(tmp_path), "random-bert-tiny", benchmark.synthetic_words())
+    assert benchmark.make_random_bert(str(tmp_path), "random-bert-tiny", benchmark.synthetic_words()) == path
+    tok = AutoTokenizer.from_pretrained(path)
+    for word in benchmark.synthetic_words():
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        assert ids and tok.unk_token_id not in ids, word
+    with open(os.path.join(path, "config.json")) as f:
+        assert json.load(f)["hidden_size"] == 128
+    base = BertConfig(**benchmark.RANDOM_BERTS["random-bert-base"])  # bert-base-uncased's shape
+    assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == \
+        (12, 768, 12, 3072)
+
+
+def test_summary_table_reports_ratios_and_targets(tmp_path):
+    def result(samples, eval_q, batch, frac):
+        return {"train_samples_per_s": samples, "train_step_ms": 1.0, "eval_queries_per_s": eval_q,
+                "peak_memory_gib": 1.0, "fraction_of_ceiling": frac, "host_syncs_per_step": 2.0,
+                "data_wait_fraction": 0.1,
+                "settings": {"batch_size": batch, "amp": True, "channels_last": True, "image_cache": "/c",
+                             "workers": 8, "compile": False, "eval_batch_size": batch, "device_name": "GPU",
+                             "torch_version": "x", "cuda_version": "y", "cpu_count": 16, "image_size": 224},
+                "data": {"train_images": 1, "test_images": 2, "test_queries": 10000, "jpeg_size": 128}}
+    for stem, r in {"bench_a": result(400.0, 900.0, 32, None), "bench_b": result(1800.0, 12000.0, 32, 0.74),
+                    "bench_c": result(4000.0, 20000.0, 256, 0.667)}.items():
+        with open(tmp_path / f"{stem}.json", "w") as f:
+            json.dump(r, f)
+    (tmp_path / "ceiling.json").write_text(json.dumps({"ceiling_images_per_s": {"32": 5000.0, "256": 12500.0}}))
+    (tmp_path / "steps.tsv").write_text("bench_a\tok\t10\nbench_d\tfailed (rc=1; see bench_d.log)\t3\n"
+                                        "bench_b_sync\tskipped (time budget: 3s left, needs 20s)\t0\n")
+    run = tmp_path / "runs" / "x_recall_plain_s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"latest": {"test recall_top1_correct_composition": 0.5}}))
+    table = benchmark.summarize(str(tmp_path))
+    rows = {line.split("|")[1].strip()[:3]: line for line in table.splitlines() if line.startswith("| (")}
+    assert "samples/s >= 1700: yes" in rows["(b)"] and "10.7x" in rows["(b)"]  # 1800 / 169
+    assert ">= 70% of ceiling: NO" in rows["(c)"] and "67%" in rows["(c)"]
+    assert "failed (rc=1" in rows["(d)"]
+    assert "20,000" in rows["(e)"] and ">= 10,000: yes" in rows["(e)"]
+    assert "| recall_top1_correct_composition | 0.5000 |" in table and "0.0050" in table  # binomial s.e.
+    assert "skipped (time budget" in rows["(b1"] and "(b2" not in rows  # optional rows only when they ran
+    assert "b256: 12,500 images/s (issue: 11,998)" in table
