@@ -105,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", default=False, help="torch.compile the image encoder (main.py --compile)", **flag)
     p.add_argument("--cudnn_benchmark", default=False, help="torch.backends.cudnn.benchmark (main.py --cudnn_benchmark)",
                    **flag)
+    p.add_argument("--fuse_image_passes", default=False, help="one ResNet pass over query and target images "
+                   "(main.py --fuse_image_passes)", **flag)
     p.add_argument("--iters", type=int, default=None, help="timed training iterations [preset]")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up iterations first [preset]")
     p.add_argument("--eval", default=True, help="time one full test_retrieval.evaluate of the test task", **flag)
@@ -271,6 +273,7 @@ def main_args(a: argparse.Namespace, data_path: str, bert_model: str, image_cach
             "--loader_num_workers", str(a.workers), "--image_size", str(a.image_size),
             "--image_weights", a.image_weights, "--amp", str(a.amp), "--channels_last", str(a.channels_last),
             "--image_cache", image_cache, "--compile", str(a.compile), "--seed", str(a.seed), "--device", device,
+            "--fuse_image_passes", str(a.fuse_image_passes),
             "--num_iters", str(a.warmup + a.iters + max(a.profile_steps + 1, a.sync_check_steps) + 1),
             "--weight_decay", "5e-5", "--log_dir", os.path.join(a.data_dir, "logs")]
     parser = main_module.get_args_parser()
@@ -450,7 +453,7 @@ def run(a: argparse.Namespace) -> dict:
         "image_size": args.image_size, "amp": args.amp, "channels_last": args.channels_last,
         "image_cache": os.path.abspath(image_cache) if image_cache else "", "workers": args.loader_num_workers,
         "pin_memory": device.type == "cuda", "persistent_workers": args.loader_num_workers > 0,
-        "compile": args.compile, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "compile": args.compile, "fuse_image_passes": args.fuse_image_passes, "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "image_weights": args.image_weights, "seed": args.seed, "warmup_iters": a.warmup, "timed_iters": a.iters,
         "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                else platform.processor() or platform.machine()),

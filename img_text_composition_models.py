@@ -114,6 +114,7 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
         # Draws the soft-triplet negatives. Give it the same seed on every process so that all of them sample the
         # same triplets of the global batch; None uses the global RNG.
         self.loss_generator: torch.Generator | None = None
+        self.fuse_image_passes = False  # see compute_loss
 
     # -- device handling: nn.Module.to/cuda/cpu all go through _apply; move the unregistered BERT along.
     def _apply(self, fn, *args, **kwargs):
@@ -160,10 +161,17 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
 
         The base term is named by ``loss`` (``soft_triplet`` or ``batch_based_classification``), as the original
         logged it. The query and target images go through the image encoder in two passes, as in the original, so
-        each pass has its own BatchNorm batch statistics.
+        each pass has its own BatchNorm batch statistics. ``fuse_image_passes`` (opt-in, not the original) runs one
+        pass over both: fewer, larger kernels, but BatchNorm then normalises with the statistics of all 2B images.
         """
-        out = self.compose_img_text(imgs_query, texts)
-        target_raw = self.extract_img_feature(imgs_target)  # (B, D)
+        if self.fuse_image_passes:  # opt-in speed path: one ResNet pass over [query; target] (B + B images)
+            b = imgs_query.shape[0]
+            emb, state = self.image_features(torch.cat([imgs_query, imgs_target]))
+            out = self.compose_img_text_features(state[:b], self.extract_text_feature(texts))
+            target_raw = emb[b:]  # (B, D)
+        else:
+            out = self.compose_img_text(imgs_query, texts)
+            target_raw = self.extract_img_feature(imgs_target)  # (B, D)
         composed = self.normalization_layer(out["repres"])
         target = self.normalization_layer(target_raw)
         terms = {loss: self.base_loss(loss, composed, target)}

@@ -149,6 +149,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--channels_last", type=str2bool, default=False, help="channels_last memory format for the images")
     g.add_argument("--image_cache", type=str, default="", help="folder for the decode-once uint8 image cache ('' = off)")
     g.add_argument("--compile", type=str2bool, default=False, help="torch.compile the image encoder (opt-in)")
+    g.add_argument("--fuse_image_passes", type=str2bool, default=False,
+                   help="one ResNet pass over query and target images together (faster at small batches; BatchNorm "
+                        "then uses the statistics of all 2B images instead of the original's two passes of B)")
     g.add_argument("--cudnn_benchmark", type=str2bool, default=False,
                    help="let cuDNN time its convolution algorithms for the fixed image shapes (CUDA)")
     return p
@@ -243,6 +246,7 @@ def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = 
         encoder = text_model.build_text_encoder("lstm", texts, lstm_dim=args.lstm_dim, vocab=vocab)
     model = models.build_model(args.model, encoder, image_embed_dim=args.image_embed_dim,
                                image_weights=args.image_weights, triplet_grad_scale=args.triplet_grad_scale)
+    model.fuse_image_passes = args.fuse_image_passes
     if distributed_world()[1] > 1:  # BatchNorm statistics of the global batch (before the optimizer sees the params)
         model = convert_to_global_batchnorm(model)
     fc = list(model.img_model.fc.parameters())

@@ -200,3 +200,21 @@ def test_image_weights_from_a_state_dict_file(tmp_path):
     enc = M.build_image_encoder(128, str(tmp_path / "r18.pth"))
     torch.testing.assert_close(enc.conv1.weight, ref.conv1.weight)
     assert enc.fc[0].weight.shape == (128, 512)
+
+
+@pytest.mark.parametrize("name", ["composeAE", "tirg_lastconv", "tirg"])
+def test_fused_image_pass_equals_two_passes_when_batchnorm_uses_running_stats(name, tiny_bert_32):
+    """--fuse_image_passes only changes which images BatchNorm's batch statistics cover: with running statistics
+    (eval mode) the loss terms are the same as the original's two passes."""
+    torch.manual_seed(0)
+    model = M.build_model(name, encoder("bert", tiny_bert_32)).eval()
+    src, tgt, txt = images(6), images(6, seed=1), texts(6)
+    two = model.compute_loss(src, txt, tgt, "batch_based_classification")
+    model.fuse_image_passes = True
+    one = model.compute_loss(src, txt, tgt, "batch_based_classification")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], rtol=1e-4, atol=1e-5)
+    model.train()  # and it trains: in train mode the statistics cover all 12 images, so the value differs
+    fused_train = model.compute_loss(src, txt, tgt, "batch_based_classification")
+    assert torch.isfinite(M.total_loss(fused_train, [1, .1, .1, .01]))
