@@ -332,15 +332,19 @@ class ComplexProjectionModule(torch.nn.Module):
                 "channels": torch.stack([z, delta, img, re, im], dim=1)}  # (B, 5, D)
 
 
+def bn_relu_mlp(in_dim: int, out_dim: int) -> torch.nn.Sequential:
+    """BatchNorm, ReLU, Linear(in, out), ReLU, Linear(out, out): the original's mapping and decoder block (keys .0,
+    .2, .4)."""
+    return torch.nn.Sequential(torch.nn.BatchNorm1d(in_dim), torch.nn.ReLU(), torch.nn.Linear(in_dim, out_dim),
+                               torch.nn.ReLU(), torch.nn.Linear(out_dim, out_dim))
+
+
 class LinearMapping(torch.nn.Module):
     """ComposeAE's rho: the complex query [Re, Im] (B, 2D) mapped back to the image space (B, D)."""
 
     def __init__(self, image_embed_dim: int = 512):
         super().__init__()
-        self.mapping = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(2 * image_embed_dim), torch.nn.ReLU(),
-            torch.nn.Linear(2 * image_embed_dim, image_embed_dim), torch.nn.ReLU(),
-            torch.nn.Linear(image_embed_dim, image_embed_dim))
+        self.mapping = bn_relu_mlp(2 * image_embed_dim, image_embed_dim)
 
     def forward(self, projected: dict) -> torch.Tensor:
         return self.mapping(projected["concat"])
@@ -353,9 +357,7 @@ class ConvMapping(torch.nn.Module):
     def __init__(self, image_embed_dim: int = 512, channels: int = 64, pool: int = 16):
         super().__init__()
         flat = channels * pool
-        self.mapping = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(flat), torch.nn.ReLU(), torch.nn.Linear(flat, image_embed_dim), torch.nn.ReLU(),
-            torch.nn.Linear(image_embed_dim, image_embed_dim))
+        self.mapping = bn_relu_mlp(flat, image_embed_dim)
         self.conv = torch.nn.Conv1d(5, channels, kernel_size=3, padding=1)
         self.adaptivepooling = torch.nn.AdaptiveMaxPool1d(pool)
 
@@ -366,11 +368,7 @@ class ConvMapping(torch.nn.Module):
 
 def _decoders(image_embed_dim: int, text_embed_dim: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     """ComposeAE's decoders (Sec. 3.3): theta -> image features, theta -> text features."""
-    def decoder(out_dim):
-        return torch.nn.Sequential(
-            torch.nn.BatchNorm1d(image_embed_dim), torch.nn.ReLU(), torch.nn.Linear(image_embed_dim, out_dim),
-            torch.nn.ReLU(), torch.nn.Linear(out_dim, out_dim))
-    return decoder(image_embed_dim), decoder(text_embed_dim)
+    return bn_relu_mlp(image_embed_dim, image_embed_dim), bn_relu_mlp(image_embed_dim, text_embed_dim)
 
 
 class _AutoencoderBase(ImgEncoderTextEncoderBase):
@@ -437,9 +435,7 @@ class RealLinearMapping(torch.nn.Module):
     def __init__(self, image_embed_dim: int = 512, text_embed_dim: int = 768):
         super().__init__()
         merged = image_embed_dim + text_embed_dim
-        self.mapping = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(merged), torch.nn.ReLU(), torch.nn.Linear(merged, image_embed_dim), torch.nn.ReLU(),
-            torch.nn.Linear(image_embed_dim, image_embed_dim))
+        self.mapping = bn_relu_mlp(merged, image_embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mapping(x)
@@ -452,9 +448,7 @@ class RealConvMapping(torch.nn.Module):
     def __init__(self, image_embed_dim: int = 512, text_embed_dim: int = 768, channels: int = 64, pool: int = 20):
         super().__init__()
         flat = channels * pool
-        self.mapping = torch.nn.Sequential(
-            torch.nn.BatchNorm1d(flat), torch.nn.ReLU(), torch.nn.Linear(flat, image_embed_dim), torch.nn.ReLU(),
-            torch.nn.Linear(image_embed_dim, image_embed_dim))
+        self.mapping = bn_relu_mlp(flat, image_embed_dim)
         self.conv1 = torch.nn.Conv1d(1, channels, kernel_size=3, padding=1)
         self.adaptivepooling = torch.nn.AdaptiveMaxPool1d(pool)
 
