@@ -185,15 +185,20 @@ def test_ranks_are_fp32_inside_an_autocast_region():
 # retrieval_metrics against the reference evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
-def reference_test(query_feats, gallery_feats, gallery_captions, target_captions, sources, mitstates=True):
-    """The reference ``test()`` from its computed features on: row-normalise, dot, source at -10e10, top 110."""
+def reference_similarities(query_feats, gallery_feats) -> np.ndarray:
+    """The reference's similarities: numpy float32 rows normalised one by one, then a dot product."""
     all_queries = query_feats.numpy().astype(np.float32).copy()
     all_imgs = gallery_feats.numpy().astype(np.float32).copy()
     for i in range(all_queries.shape[0]):
         all_queries[i, :] /= np.linalg.norm(all_queries[i, :])
     for i in range(all_imgs.shape[0]):
         all_imgs[i, :] /= np.linalg.norm(all_imgs[i, :])
-    sims = all_queries.dot(all_imgs.T)
+    return all_queries.dot(all_imgs.T)
+
+
+def reference_test(query_feats, gallery_feats, gallery_captions, target_captions, sources, mitstates=True):
+    """The reference ``test()`` from its computed features on: row-normalise, dot, source at -10e10, top 110."""
+    sims = reference_similarities(query_feats, gallery_feats)
     if sources is not None:
         for i, source in enumerate(sources):
             sims[i, source] = -10e10
@@ -273,13 +278,7 @@ def reference_fiq(query_feats, gallery_feats, gallery_names, target_names, categ
     The reference ranking keeps the first ``n_keep`` (50) distinct ids; duplicates of a name are dropped, the first
     occurrence kept.
     """
-    all_queries = query_feats.numpy().astype(np.float32).copy()
-    all_imgs = gallery_feats.numpy().astype(np.float32).copy()
-    for i in range(all_queries.shape[0]):
-        all_queries[i, :] /= np.linalg.norm(all_queries[i, :])
-    for i in range(all_imgs.shape[0]):
-        all_imgs[i, :] /= np.linalg.norm(all_imgs[i, :])
-    sims = all_queries.dot(all_imgs.T)
+    sims = reference_similarities(query_feats, gallery_feats)
     nn_result = [np.argsort(-sims[i, :], kind="stable") for i in range(sims.shape[0])]
     nn_ids = [[gallery_names[j] for j in row] for row in nn_result]
     filtered = [list(OrderedDict.fromkeys(row))[:n_keep] for row in nn_ids]
