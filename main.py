@@ -592,6 +592,14 @@ def run_main(args: argparse.Namespace) -> int:
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(model, ckpt["rng"])
         start = ckpt
+        saved_batch = (ckpt.get("args") or {}).get("batch_size", args.batch_size)
+        if saved_batch != args.batch_size:
+            raise UserInputError(f"--resume {args.resume}: it was trained with --batch_size {saved_batch}, not "
+                                 f"{args.batch_size}; resume with --batch_size {saved_batch} (the data position "
+                                 f"within the epoch depends on it)")
+        if ckpt["it"] >= args.num_iters:
+            logger.warning("--resume %s is at iteration %d already: --num_iters %d trains nothing more",
+                           args.resume, ckpt["it"], args.num_iters)
         logger.info("resuming from %s at iteration %d", args.resume, ckpt["it"])
     step_model = model
     if world > 1:

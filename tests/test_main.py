@@ -296,6 +296,20 @@ def test_resume_mid_epoch_equals_uninterrupted(data_dir, tmp_path):
     assert sorted(os.listdir(tmp_path / "first")) == [os.path.basename(first_folder)]
 
 
+def test_resume_with_another_batch_size_is_refused(data_dir, tmp_path, capsys):
+    """The position inside an epoch is a batch count, so resuming with another --batch_size would replay or skip
+    data: refused with one line that says what to pass."""
+    assert run_cli(imgonly_args(data_dir, tmp_path / "first", 3))[0] == 0
+    ckpt = os.path.join(only_run_folder(tmp_path / "first"), "latest_checkpoint.pth")
+    capsys.readouterr()
+    argv = imgonly_args(data_dir, tmp_path / "first", 6) + ["--resume", ckpt]
+    argv[argv.index("--batch_size") + 1] = "2"
+    assert run_cli(argv)[0] == 2
+    line = one_error_line(capsys.readouterr().err.replace("\r", "\n"))
+    assert "--batch_size 4" in line and ckpt in line
+    assert load(ckpt)["it"] == 3  # the checkpoint is untouched
+
+
 def test_resume_at_epoch_end_equals_uninterrupted_composeae_dropout_soft_triplet(lstm_run, data_dir, tmp_path):
     """ComposeAE (dropout 0.5, LSTM dropout 0.1) + soft triplet: 4 iterations (the end of epoch 0), resumed to 8,
     equals 8 straight."""
