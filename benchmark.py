@@ -275,36 +275,9 @@ def main_args(a: argparse.Namespace, data_path: str, bert_model: str, image_cach
             "--image_cache", image_cache, "--compile", str(a.compile), "--seed", str(a.seed), "--device", device,
             "--fuse_image_passes", str(a.fuse_image_passes),
             "--num_iters", str(a.warmup + a.iters + max(a.profile_steps + 1, a.sync_check_steps) + 1),
-            "--weight_decay", "5e-5", "--log_dir", os.path.join(a.data_dir, "logs")]
-    parser = main_module.get_args_parser()
-    if any("--cudnn_benchmark" in action.option_strings for action in parser._actions):
-        argv += ["--cudnn_benchmark", str(a.cudnn_benchmark)]
-    return main_module.resolve_defaults(parser.parse_args(argv))
-
-
-def place_model(args, model, device: torch.device, cudnn_benchmark: bool) -> None:
-    """main.place_model where main.py has it; otherwise what main.run_main does after building the model (and
-    ``cudnn_benchmark``, which main.py then does not offer)."""
-    if hasattr(main_module, "place_model"):
-        main_module.place_model(args, model, device)
-        return
-    model.to(device)
-    if args.channels_last:
-        model.img_model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.img_model.compile()
-    if device.type == "cuda" and cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-
-
-def make_train_loader(args, trainset, sampler, device: torch.device):
-    """main.make_train_loader where main.py has it; otherwise the loader main.train builds (one process)."""
-    if hasattr(main_module, "make_train_loader"):
-        return main_module.make_train_loader(args, trainset, sampler, device)
-    return torch.utils.data.DataLoader(
-        trainset, batch_sampler=sampler, num_workers=args.loader_num_workers, collate_fn=datasets.collate_train,
-        pin_memory=device.type == "cuda", persistent_workers=args.loader_num_workers > 0,
-        generator=torch.Generator().manual_seed(args.seed))
+            "--weight_decay", "5e-5", "--log_dir", os.path.join(a.data_dir, "logs"),
+            "--cudnn_benchmark", str(a.cudnn_benchmark)]
+    return main_module.resolve_defaults(main_module.get_args_parser().parse_args(argv))
 
 
 def sync(device: torch.device) -> None:
@@ -466,7 +439,7 @@ def run(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     model, optimizer, scheduler = main_module.create_model_and_optimizer(args, trainset.get_all_texts())
     model.loss_generator = torch.Generator(device).manual_seed(args.seed)  # soft-triplet sampler, as main.run_main
-    place_model(args, model, device, a.cudnn_benchmark)
+    main_module.place_model(args, model, device)
     settings["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     timings["model_s"] = time.perf_counter() - t0
     if getattr(model, "bert", None) is not None:
@@ -488,7 +461,7 @@ def run(a: argparse.Namespace) -> dict:
     if len(sampler) == 0:
         raise main_module.UserInputError(f"{data_path}: {len(trainset)} training items, fewer than --batch_size "
                                          f"{args.batch_size}; lower --batch_size")
-    loader = make_train_loader(args, trainset, sampler, device)
+    loader = main_module.make_train_loader(args, trainset, sampler, device)
     batches = endless_batches(loader, sampler)
     model.train()
     last: dict = {}
