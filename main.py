@@ -14,7 +14,6 @@ a small CPU preset instead (see ``SYNTHETIC_PRESET``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import logging
@@ -285,7 +284,7 @@ def train_one_step(model, batch: dict, optimizer, scheduler, args, device: torch
     tgt = batch["target_img"].to(device, non_blocking=True)
     if args.channels_last:
         src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(memory_format=torch.channels_last)
-    with autocast(device, args.amp):
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
         terms = model(src, batch["text"], tgt, args.loss)
     total = models.total_loss(terms, args.loss_weights)
     optimizer.zero_grad(set_to_none=True)
@@ -297,24 +296,13 @@ def train_one_step(model, batch: dict, optimizer, scheduler, args, device: torch
     return out
 
 
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
 def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
     """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them."""
     out = {}
-    saved = rng_state(model)  # evaluation's DataLoaders draw seeds: it must not move training's random streams
-    try:
-        for split, (dataset, task) in tasks.items():
-            metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
-                                              num_workers=args.loader_num_workers, amp=args.amp,
-                                              desc=f"eval {split}")
-            out.update({f"{split} {name}": value for name, value in metrics.items()})
-    finally:
-        set_rng_state(model, saved)
+    for split, (dataset, task) in tasks.items():
+        metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
+                                          num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
+        out.update({f"{split} {name}": value for name, value in metrics.items()})
     if distributed_world()[0] == 0:
         for name, value in out.items():
             print("    ", name, round(value, 4), flush=True)

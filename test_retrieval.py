@@ -331,7 +331,8 @@ def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch
                 len(mine), n_queries, len(my_queries), len(task.gallery))
 
     loader = DataLoader(_KeyedImages(dataset, [task.image_keys[p] for p in mine]), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # worker seeds from its own generator: training's RNG stays put
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 
     training_flags = [(m, m.training) for m in model.modules()]
