@@ -134,8 +134,16 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
         emb = self.extract_img_feature(imgs)
         return emb, emb
 
-    def extract_text_feature(self, texts: Sequence[str]) -> torch.Tensor:
-        """B strings -> (B, text_embed_dim) on the model's device."""
+    def extract_text_feature(self, texts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """B strings -> (B, text_embed_dim) on the model's device.
+
+        A tensor is taken as the features of a frozen encoder computed beforehand and returned as it is (the CUDA
+        graph step looks BERT's vectors up outside the graph); a trainable encoder needs the strings.
+        """
+        if isinstance(texts, torch.Tensor):
+            if self.text_model is not None:
+                raise ValueError("precomputed text features need a frozen text encoder (BERT): the LSTM trains")
+            return texts
         if self.text_model is not None:
             return self.text_model(texts)
         return self.bert(texts)
@@ -144,7 +152,7 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
     def compose_img_text_features(self, img_state: torch.Tensor, text_features: torch.Tensor) -> dict:
         raise NotImplementedError
 
-    def compose_img_text(self, imgs: torch.Tensor, texts: Sequence[str]) -> dict:
+    def compose_img_text(self, imgs: torch.Tensor, texts: Sequence[str] | torch.Tensor) -> dict:
         _, state = self.image_features(imgs)
         return self.compose_img_text_features(state, self.extract_text_feature(texts))
 
@@ -155,7 +163,7 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
             name, torch_functions.gather_batch(composed), torch_functions.gather_batch(target),
             generator=self.loss_generator, triplet_grad_scale=self.triplet_grad_scale)
 
-    def compute_loss(self, imgs_query: torch.Tensor, texts: Sequence[str], imgs_target: torch.Tensor,
+    def compute_loss(self, imgs_query: torch.Tensor, texts: Sequence[str] | torch.Tensor, imgs_target: torch.Tensor,
                      loss: str = "soft_triplet") -> dict[str, torch.Tensor]:
         """Named loss terms for one batch; the caller weights and sums them (see ``total_loss``).
 
@@ -181,7 +189,7 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
     def extra_loss_terms(self, out: dict, target_raw: torch.Tensor, loss: str) -> dict[str, torch.Tensor]:
         return {}
 
-    def forward(self, imgs_query: torch.Tensor, texts: Sequence[str], imgs_target: torch.Tensor,
+    def forward(self, imgs_query: torch.Tensor, texts: Sequence[str] | torch.Tensor, imgs_target: torch.Tensor,
                 loss: str = "soft_triplet") -> dict[str, torch.Tensor]:
         """The training forward pass is ``compute_loss`` (so DistributedDataParallel can wrap the model)."""
         return self.compute_loss(imgs_query, texts, imgs_target, loss)

@@ -14,6 +14,7 @@ a small CPU preset instead (see ``SYNTHETIC_PRESET``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -153,6 +154,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "then uses the statistics of all 2B images instead of the original's two passes of B)")
     g.add_argument("--cudnn_benchmark", type=str2bool, default=False,
                    help="let cuDNN time its convolution algorithms for the fixed image shapes (CUDA)")
+    g.add_argument("--cuda_graph", type=str2bool, default=False,
+                   help="capture the training step (forward, backward, SGD update) as a CUDA graph and replay it "
+                        "(one process, CUDA, frozen BERT text encoder; recaptured when the learning rate changes)")
     return p
 
 
@@ -171,6 +175,11 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             raise UserInputError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.test_only and not args.model_checkpoint:
         raise UserInputError("--test_only True needs --model_checkpoint PATH")
+    if args.cuda_graph and not args.use_bert:
+        raise UserInputError("--cuda_graph True needs --use_bert True: the LSTM's inputs change shape with every "
+                             "batch's text lengths, so its step cannot be captured; drop --cuda_graph for the LSTM")
+    if args.cuda_graph and args.compile:
+        raise UserInputError("--cuda_graph True and --compile True cannot be combined; pick one")
     return args
 
 
@@ -278,22 +287,140 @@ def run_folder(args) -> str:
     raise UserInputError(f"{base}: 1000 runs started in this second; use --comment to tell them apart")
 
 
-def train_one_step(model, batch: dict, optimizer, scheduler, args, device: torch.device) -> dict[str, torch.Tensor]:
-    """One SGD step on one batch; returns the detached loss terms under the original's names (no host sync)."""
+def images_to_device(batch: dict, args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's query and target images (B, 3, H, W) on ``device`` (channels_last with --channels_last)."""
     src = batch["source_img"].to(device, non_blocking=True)
     tgt = batch["target_img"].to(device, non_blocking=True)
     if args.channels_last:
         src, tgt = src.contiguous(memory_format=torch.channels_last), tgt.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp):
-        terms = model(src, batch["text"], tgt, args.loss)
+    return src, tgt
+
+
+def loss_backward_update(model, src: torch.Tensor, texts, tgt: torch.Tensor, optimizer, args,
+                         device: torch.device, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Forward, backward and the SGD update on gradients that the caller zeroed; returns the detached loss terms
+    (the base loss under its --loss name, the extra terms, and 'total training loss'), with no host sync.
+
+    ``texts``: B strings, or their (B, T) features from a frozen text encoder (see ``CudaGraphStep``).
+    """
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp, cache_enabled=autocast_cache):
+        terms = model(src, texts, tgt, args.loss)
     total = models.total_loss(terms, args.loss_weights)
-    optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
-    scheduler.step()
     out = {name: value.detach().float() for name, value in terms.items()}
     out["total training loss"] = total.detach().float()
     return out
+
+
+def train_one_step(model, batch: dict, optimizer, scheduler, args, device: torch.device) -> dict[str, torch.Tensor]:
+    """One SGD step on one batch; returns the detached loss terms under the original's names (no host sync)."""
+    src, tgt = images_to_device(batch, args, device)
+    optimizer.zero_grad(set_to_none=True)
+    out = loss_backward_update(model, src, batch["text"], tgt, optimizer, args, device)
+    scheduler.step()
+    return out
+
+
+class CudaGraphStep:
+    """``--cuda_graph``: ``train_one_step`` with forward, backward and the SGD update captured once as a CUDA graph
+    and replayed for every batch of the same shape (opt-in, not the original).
+
+    At batch 32 a ComposeAE step is ~1,000 small kernels whose launches bound its speed; a replay launches them all
+    at once. How it keeps the step the same computation:
+
+    * the first ``warmup`` steps run eagerly (on a side stream, as PyTorch requires before capture), which also
+      creates SGD's momentum buffers;
+    * the frozen BERT's vectors are looked up outside the graph and copied, with the images, into static input
+      buffers (a trainable LSTM has per-batch sequence lengths and cannot be captured: main.py refuses that);
+    * SGD's learning rates are constants inside the graph, so the step is captured again whenever the schedule
+      changes them (every --learning_rate_decay_frequency iterations);
+    * dropout and the soft-triplet sampler draw from generators registered with the graph, so every replay draws
+      fresh numbers; a batch of another shape (one whose unreadable images were dropped) runs eagerly.
+
+    On the CPU there is no capture: ``replay`` runs the same static-buffer step eagerly. Tests use that to check
+    the plumbing against ``train_one_step``; on a GPU, tests/test_fast_paths.py and benchmark.py compare the
+    captured step with the eager one.
+    """
+
+    def __init__(self, warmup: int = 3):
+        self.warmup = warmup
+        self.steps = 0
+        self.static: dict[str, torch.Tensor] | None = None  # src, text, tgt input buffers
+        self.outputs: dict[str, torch.Tensor] | None = None  # the loss terms, refreshed by each replay
+        self.replay = None
+        self.captured_lrs: tuple[float, ...] | None = None
+        self.captures = 0  # how many times the step was (re)captured
+
+    def __call__(self, model, batch: dict, optimizer, scheduler, args, device: torch.device) -> dict[str, torch.Tensor]:
+        src, tgt = images_to_device(batch, args, device)
+        text = model.extract_text_feature(batch["text"])  # (B, T) from the frozen encoder's cache, outside the graph
+        inputs = {"src": src, "text": text, "tgt": tgt}
+        same_shape = self.static is not None and all(
+            inputs[k].shape == self.static[k].shape and inputs[k].stride() == self.static[k].stride() for k in inputs)
+        if self.steps < self.warmup or (self.static is not None and not same_shape):
+            optimizer.zero_grad(set_to_none=True)
+            with _side_stream(device):
+                out = loss_backward_update(model, src, text, tgt, optimizer, args, device)
+        else:
+            if self.static is None:
+                self.static = {k: torch.empty_like(v) for k, v in inputs.items()}
+            for k, v in inputs.items():
+                self.static[k].copy_(v, non_blocking=True)
+            lrs = tuple(group["lr"] for group in optimizer.param_groups)
+            if self.replay is None or lrs != self.captured_lrs:
+                self._capture(model, optimizer, args, device)
+                self.captured_lrs = lrs
+            self.replay()
+            out = {name: value.clone() for name, value in self.outputs.items()}  # the next replay overwrites them
+        self.steps += 1
+        scheduler.step()
+        return out
+
+    def _capture(self, model, optimizer, args, device: torch.device) -> None:
+        s = self.static
+
+        def step() -> dict[str, torch.Tensor]:
+            return loss_backward_update(model, s["src"], s["text"], s["tgt"], optimizer, args, device,
+                                        autocast_cache=False)  # the autocast weight cache cannot live in a graph
+
+        self.replay, self.outputs = None, None  # frees the previous graph and its memory before the new capture
+        optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) fresh gradients
+        self.captures += 1
+        if device.type != "cuda":
+            def replay() -> None:  # as a replay of the captured backward: gradients written afresh, not added
+                optimizer.zero_grad(set_to_none=True)
+                self.outputs = step()
+            self.replay = replay
+            return
+        graph = torch.cuda.CUDAGraph()
+        for module in model.modules():  # the soft-triplet sampler's own generator, besides the default one
+            generator = getattr(module, "loss_generator", None)
+            if generator is not None and generator.device.type == "cuda":
+                graph.register_generator_state(generator)
+        torch.cuda.synchronize(device)
+        with torch.cuda.graph(graph):
+            self.outputs = step()
+        self.replay = graph.replay
+
+
+@contextlib.contextmanager
+def _side_stream(device: torch.device):
+    """Runs the block's CUDA work on a side stream ordered after the current one (before CUDA graph capture,
+    PyTorch requires the warm-up steps on a side stream); a no-op on the CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    current, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
+def make_train_step(args):
+    """The training step function: ``train_one_step``, or a ``CudaGraphStep`` with --cuda_graph."""
+    return CudaGraphStep() if args.cuda_graph else train_one_step
 
 
 def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
@@ -444,6 +571,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
         raise UserInputError(f"{args.dataset_path}: {len(trainset)} training items, fewer than --batch_size "
                              f"{args.batch_size}; lower --batch_size")
     loader = make_train_loader(args, trainset, sampler, device)
+    train_step = make_train_step(args)
     epoch_len = len(sampler)
     save_every = args.save_every or epoch_len  # 0: every epoch, as the original
 
@@ -467,7 +595,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
             for batch in loader:
                 if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
                     continue
-                terms = train_one_step(step_model, batch, optimizer, scheduler, args, device)
+                terms = train_step(step_model, batch, optimizer, scheduler, args, device)
                 it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
                 sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
                 progress.update(1)
@@ -537,6 +665,9 @@ def init_distributed(args) -> torch.device:
 def run_main(args: argparse.Namespace) -> int:
     device = init_distributed(args)
     rank, world = distributed_world()
+    if args.cuda_graph and (device.type != "cuda" or world > 1) and not args.test_only:
+        raise UserInputError(f"--cuda_graph True needs one process on a CUDA device (here: {device.type}, "
+                             f"{world} process{'es' if world > 1 else ''}); drop --cuda_graph")
     torch.manual_seed(args.seed)  # identical initial weights on every process
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     trainset, testset = datasets.build_datasets(

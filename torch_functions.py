@@ -50,8 +50,8 @@ def sample_soft_triplets(batch_size: int, negatives_per_anchor: int = 3, *,
     scores = scores.masked_fill(labels.unsqueeze(1) == labels.unsqueeze(0), float("inf"))  # no host sync
     m = min(negatives_per_anchor, n - 2)
     negatives = scores.argsort(dim=1)[:, :m]  # (2B, m) distinct, uniformly random subset
-    i = anchors.repeat_interleave(m)
-    j = positives.repeat_interleave(m)
+    i = anchors[:, None].expand(n, m).reshape(-1)  # = repeat_interleave(m), which may sync with the host
+    j = positives[:, None].expand(n, m).reshape(-1)
     k = negatives.reshape(-1)
     return i, j, k
 

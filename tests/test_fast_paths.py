@@ -129,6 +129,101 @@ def test_channels_last_training_step_matches_contiguous(synthetic):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# --cuda_graph. On the CPU, CudaGraphStep.replay runs its static-buffer step eagerly (no capture), so these tests check
+# the plumbing: warm-up, static inputs, recapture when the learning rate changes, eager fallback for another batch
+# shape, and that the text features it looks up outside the graph are the ones the model looks up itself.
+def _graph_vs_plain(args, trainset, batches, warmup):
+    """The same batches through train_one_step and through a CudaGraphStep, from the same weights and seeds."""
+    results = []
+    for step_fn in (main.train_one_step, main.CudaGraphStep(warmup=warmup)):
+        torch.manual_seed(0)
+        model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+        model.loss_generator = torch.Generator().manual_seed(5)
+        model.train()
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        terms = [step_fn(model, b, optimizer, scheduler, args, torch.device("cpu")) for b in batches]
+        results.append((model, optimizer, terms, step_fn))
+    return results
+
+
+def test_graph_step_equals_train_one_step_through_recapture_and_odd_batches(synthetic, tiny_bert_32):
+    """ComposeAE + BERT with dropout and soft triplets: 7 steps through CudaGraphStep equal 7 plain steps exactly
+    (weights, BatchNorm statistics, momentum buffers, every loss term), across a learning-rate decay (recapture)
+    and a smaller batch (run eagerly, as a batch whose unreadable images were dropped)."""
+    args = make_args(synthetic, "--model", "composeAE", "--use_bert", "True", "--bert_model", tiny_bert_32,
+                     "--loss", "soft_triplet", "--learning_rate_decay_frequency", "4", "--cuda_graph", "True")
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    batches = loader_batches(trainset, args, 7, workers=0)
+    small = {k: v[:5] for k, v in batches[5].items()}  # 5 of 8 items
+    batches[5] = small
+    (plain, plain_opt, plain_terms, _), (graphed, graph_opt, graph_terms, step) = \
+        _graph_vs_plain(args, trainset, batches, warmup=2)
+    assert step.captures == 2  # at step 3 (after the warm-up) and at step 5 (the rate fell x0.1 after 4 steps)
+    assert step.captured_lrs == tuple(g["lr"] for g in graph_opt.param_groups)
+    assert step.captured_lrs[0] == pytest.approx(0.1 * args.learning_rate)
+    for a, b in zip(plain_terms, graph_terms):
+        assert a.keys() == b.keys() == {"soft_triplet", "L2_loss", "L2_loss_text", "rot_sym_loss",
+                                        "total training loss"}
+        assert all(torch.equal(a[k], b[k]) for k in a), (a, b)
+    for (name, x), (_, y) in zip(plain.state_dict().items(), graphed.state_dict().items()):
+        assert torch.equal(x, y), name
+    for p, q in zip(plain.parameters(), graphed.parameters()):
+        assert torch.equal(plain_opt.state[p]["momentum_buffer"], graph_opt.state[q]["momentum_buffer"])
+    assert not torch.equal(plain.img_model.fc[0].weight, main.create_model_and_optimizer(
+        args, trainset.get_all_texts())[0].img_model.fc[0].weight)  # it trained
+
+
+def test_graph_step_static_inputs_hold_the_last_batch(synthetic, tiny_bert_32):
+    """After a replay the static buffers hold the batch's images and the BERT vectors of its texts."""
+    args = make_args(synthetic, "--model", "tirg", "--use_bert", "True", "--bert_model", tiny_bert_32)
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    batches = loader_batches(trainset, args, 3, workers=0)
+    torch.manual_seed(0)
+    model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    step = main.CudaGraphStep(warmup=1)
+    for b in batches:
+        step(model, b, optimizer, scheduler, args, torch.device("cpu"))
+    assert step.captures == 1 and step.steps == 3
+    assert torch.equal(step.static["src"], batches[-1]["source_img"])
+    assert torch.equal(step.static["tgt"], batches[-1]["target_img"])
+    assert torch.equal(step.static["text"], model.bert(batches[-1]["text"]))
+
+
+def test_precomputed_text_features_need_a_frozen_encoder(synthetic):
+    args = make_args(synthetic, "--model", "tirg", "--use_bert", "False")
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    model, _, _ = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    with pytest.raises(ValueError, match="frozen"):
+        model.extract_text_feature(torch.zeros(2, 512))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures a CUDA graph: needs a GPU (run by gpu_bench.sh)")
+def test_captured_cuda_graph_step_matches_eager_on_gpu(synthetic, tiny_bert_32):
+    """On a GPU: the captured and replayed step gives the weights of eager steps (dropout off, batch-based
+    classification: no random draws), up to float summation order, across a recapture."""
+    args = make_args(synthetic, "--model", "composeAE", "--use_bert", "True", "--bert_model", tiny_bert_32,
+                     "--learning_rate_decay_frequency", "4", "--device", "cuda")
+    trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
+    batches = loader_batches(trainset, args, 7, workers=0)
+    device = torch.device("cuda")
+    runs = []
+    for step_fn in (main.train_one_step, main.CudaGraphStep(warmup=2)):
+        torch.manual_seed(0)
+        model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.to(device).train()
+        losses = [step_fn(model, b, optimizer, scheduler, args, device)["total training loss"] for b in batches]
+        runs.append((model, torch.stack(losses).cpu(), step_fn))
+    (eager, eager_losses, _), (graphed, graph_losses, step) = runs
+    assert step.captures == 2
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for (name, x), (_, y) in zip(eager.state_dict().items(), graphed.state_dict().items()):
+        torch.testing.assert_close(y.float(), x.float(), rtol=1e-3, atol=1e-4, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 EXPECTED_KEYS = {"train_samples_per_s", "train_step_ms", "eval_queries_per_s", "eval_seconds", "peak_memory_bytes",
                  "peak_memory_kind", "settings", "data", "timings_s", "loss_finite"}
 EXPECTED_SETTINGS = {"model", "text_encoder", "bert_model", "batch_size", "amp", "channels_last", "image_cache",
@@ -147,6 +242,8 @@ def test_benchmark_cpu_preset_prints_one_json(tmp_path, capsys):
     assert EXPECTED_KEYS <= set(result) and EXPECTED_SETTINGS <= set(result["settings"])
     assert result["train_samples_per_s"] > 0 and result["eval_queries_per_s"] > 0 and result["peak_memory_bytes"] > 0
     assert result["train_samples"] == 2 * 8 and result["loss_finite"]
+    ops = result["dispatched_ops"]  # one ComposeAE step: two ResNet-18 passes forward and backward, and more
+    assert ops["ops_per_step"] > 300 and ops["top_ops"]["convolution"] == 2 * 20 + 2  # 20 convs per ResNet + 2 Conv1d
     s, d = result["settings"], result["data"]
     assert (s["model"], s["text_encoder"], s["batch_size"], s["amp"], s["channels_last"], s["device"]) == \
         ("composeAE", "bert", 8, False, False, "cpu")
@@ -227,7 +324,7 @@ def test_summary_table_reports_ratios_and_targets(tmp_path):
             json.dump(r, f)
     (tmp_path / "ceiling.json").write_text(json.dumps({"ceiling_images_per_s": {"32": 5000.0, "256": 12500.0}}))
     (tmp_path / "steps.tsv").write_text("bench_a\tok\t10\nbench_d\tfailed (rc=1; see bench_d.log)\t3\n"
-                                        "bench_b_sync\tskipped (time budget: 3s left, needs 20s)\t0\n")
+                                        "bench_b_cudnn\tskipped (time budget: 3s left, needs 20s)\t0\n")
     run = tmp_path / "runs" / "x_recall_plain_s0"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps({"latest": {"test recall_top1_correct_composition": 0.5}}))
@@ -238,5 +335,6 @@ def test_summary_table_reports_ratios_and_targets(tmp_path):
     assert "failed (rc=1" in rows["(d)"]
     assert "20,000" in rows["(e)"] and ">= 10,000: yes" in rows["(e)"]
     assert "| recall_top1_correct_composition | 0.5000 |" in table and "0.0050" in table  # binomial s.e.
-    assert "skipped (time budget" in rows["(b1"] and "(b2" not in rows  # optional rows only when they ran
+    assert "skipped (time budget" in rows["(b2"] and "(f)" not in rows  # optional rows only when they ran
+    assert "not run" in rows["(g)"]  # a main row that did not run says so
     assert "b256: 12,500 images/s (issue: 11,998)" in table

@@ -393,6 +393,14 @@ def test_boolean_flags_mean_what_they_say(text, value):
     assert a.use_bert is value and a.use_complete_text_query is value and a.test_only is value
 
 
+def test_readme_flag_table_lists_every_flag_once():
+    """The README's flag table cannot fall behind the parser (it once missed two added flags)."""
+    readme = open(os.path.join(os.path.dirname(os.path.abspath(main.__file__)), "README.md")).read()
+    table = re.findall(r"^\| `(-[-\w]+)` \|", readme, flags=re.MULTILINE)
+    flags = [s for action in main.get_args_parser()._actions for s in action.option_strings if s not in ("-h", "--help")]
+    assert sorted(table) == sorted(flags)
+
+
 def test_jupyter_flag_and_original_defaults_parse():
     a = main.resolve_defaults(parse("-f /tmp/kernel-1.json --dataset=mitstates --dataset_path=x --test_only True "
                                     "--model_checkpoint m.pth"))
@@ -428,6 +436,10 @@ def garbage_files(tmp_path, lstm_run):
     ("missing resume", ["--resume", "/nonexistent/latest_checkpoint.pth"], ["/nonexistent/latest_checkpoint.pth"]),
     ("missing BERT folder", ["--use_bert", "True", "--bert_model", "/nonexistent/bert"], ["/nonexistent/bert"]),
     ("not a synthetic folder", ["--dataset", "synthetic", "--dataset_path", "{not_ours}"], ["{not_ours}"]),
+    ("CUDA graph of the LSTM", ["--cuda_graph", "True", "--use_bert", "False"], ["--cuda_graph", "--use_bert True"]),
+    ("CUDA graph on the CPU", ["--cuda_graph", "True", "--use_bert", "True", "--device", "cpu"],
+     ["--cuda_graph", "CUDA device", "cpu"]),
+    ("CUDA graph and compile", ["--cuda_graph", "True", "--use_bert", "True", "--compile", "True"], ["--compile"]),
 ])
 def test_bad_input_gives_one_line_and_exit_code_2(case, extra, words, data_dir, tmp_path, garbage_files, capsys):
     extra = [x.format(**garbage_files) for x in extra]

@@ -8,14 +8,18 @@
 #   prepare  synthetic data (14,112 128-px JPEGs, MIT-States layout), decode-once image cache, random BERT-base
 #   bench_a  ComposeAE + BERT-base, batch 32, plain fp32, no cache, 8 workers   (the baseline of this code)
 #   bench_b  the same with the fast settings: bf16 autocast, channels_last, image cache (+ a profile of 5 steps)
+#   bench_g  (b) + --cuda_graph: the whole training step captured once and replayed
+#   bench_h  (g) + --fuse_image_passes (one ResNet pass over query and target images)
 #   bench_c  the fast settings at batch 256
 #   bench_d  TIRG + LSTM, batch 32, fast settings
 #   (e)      evaluation throughput: every bench_* run also times one full evaluation of the test task
-#   recall_plain_s0, recall_fast_s0: main.py trains 200 iterations and evaluates, plain fp32 vs fast, seed 0
+#   graph_check  the GPU-only tests of tests/test_fast_paths.py (captured step = eager step), when pytest is there
+#   recall_plain_s0, recall_fast_s0: main.py trains 200 iterations and evaluates, plain fp32 vs fast (with
+#            --cuda_graph), seed 0
 #   recall_plain_s1: plain fp32 with seed 1: the seed-to-seed noise of the recall
-#   bench_b_cudnn  (b) + torch.backends.cudnn.benchmark
 #   ceiling  a bare ResNet-18 bf16 + channels_last training step at batch 32 and 256 (the issue's ceiling, here)
-#   bench_f  (only with GPU_BENCH_COMPILE=1) the fast settings + --compile
+#   bench_b_cudnn  (only with GPU_BENCH_EXTRA=1) (b) + torch.backends.cudnn.benchmark
+#   bench_f  (only with GPU_BENCH_EXTRA=1) the fast settings + --compile
 # Steps run in this order; when the time budget runs short the remaining ones are skipped (and reported).
 # Everything it writes goes to "${OUT:-/tmp/gpu_bench_out}": <step>.json, <step>.log, steps.tsv, summary.md.
 # The data and the run folders (checkpoints) go to "${GPU_BENCH_DATA:-/tmp/gpu_bench_data}", not into $OUT.
@@ -52,13 +56,14 @@ fi
 if [ "$SMOKE" = "1" ]; then
   SIZE=cpu; DEVICE=auto; WORKERS=2
   IT_A="--iters 2 --warmup 1"; IT_B="--iters 3 --warmup 1"; IT_C="--iters 2 --warmup 1"; IT_D="--iters 3 --warmup 1"
+  IT_G="--iters 3 --warmup 4"
   BIG_BATCH=32; PROFILE_STEPS=2; RECALL_ITERS=4; RECALL_SIZE=32; RECALL_WORKERS=2
   T_PREP=200; T_BENCH=150; T_RECALL=200; RECALL_MIN=20; CEILING="--image_size 32 --batch_size 8 --iters 2 --warmup 1"
 else
   SIZE=full; DEVICE=cuda; WORKERS=8
   # warm-up > the loader's prefetch depth (8 workers x 2 batches), so that no prefetched batch is timed
   IT_A="--iters 60 --warmup 32"; IT_B="--iters 200 --warmup 40"; IT_C="--iters 40 --warmup 24"
-  IT_D="--iters 200 --warmup 40"
+  IT_D="--iters 200 --warmup 40"; IT_G="--iters 300 --warmup 40"
   BIG_BATCH=256; PROFILE_STEPS=5; RECALL_ITERS=200; RECALL_SIZE=224; RECALL_WORKERS=8
   T_PREP=150; T_BENCH=90; T_RECALL=90; RECALL_MIN=40; CEILING=""
 fi
@@ -117,10 +122,20 @@ BERT_PATH=$(json_get "$OUT/prepare.json" settings bert_path)
 run_step bench_a "$T_BENCH" 25 "$PY" benchmark.py $COMMON --workers "$WORKERS" $IT_A --output "$OUT/bench_a.json"
 run_step bench_b "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST $IT_B --profile "$OUT/profile_b" \
   --profile_steps "$PROFILE_STEPS" --output "$OUT/bench_b.json"
+run_step bench_g "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST --cuda_graph True $IT_G --output "$OUT/bench_g.json"
+run_step bench_h "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST --cuda_graph True --fuse_image_passes True $IT_G \
+  --output "$OUT/bench_h.json"
 run_step bench_c "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST --batch_size "$BIG_BATCH" $IT_C \
   --output "$OUT/bench_c.json"
 run_step bench_d "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST --model tirg --text lstm $IT_D \
   --output "$OUT/bench_d.json"
+
+# -- the captured step against the eager one (tests skip these without a GPU)
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+  run_step graph_check 120 20 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "graph or amp"
+else
+  printf 'graph_check\tskipped (no pytest in this python)\t0\n' >> "$OUT/steps.tsv"
+fi
 
 # -- recall: plain fp32 vs fast settings, same seed; a second plain seed measures the seed-to-seed noise
 recall_run() {  # recall_run TAG SEED [extra main.py flags]
@@ -146,14 +161,15 @@ recall_run() {  # recall_run TAG SEED [extra main.py flags]
   fi
 }
 recall_run recall_plain_s0 0
-recall_run recall_fast_s0 0 --amp True --channels_last True --image_cache "$DATA_DIR/cache" --eval_batch_size 256
+recall_run recall_fast_s0 0 --amp True --channels_last True --image_cache "$DATA_DIR/cache" --eval_batch_size 256 \
+  --cuda_graph "$([ "$SMOKE" = "1" ] && echo False || echo True)"
 
 recall_run recall_plain_s1 1
-run_step bench_b_cudnn "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST $IT_B --cudnn_benchmark True \
-  --output "$OUT/bench_b_cudnn.json"
 run_step ceiling 60 15 "$PY" benchmark.py --ceiling --device "$DEVICE" $CEILING --output "$OUT/ceiling.json"
 
-if [ "${GPU_BENCH_COMPILE:-0}" = "1" ]; then
+if [ "${GPU_BENCH_EXTRA:-0}" = "1" ]; then
+  run_step bench_b_cudnn "$T_BENCH" 20 "$PY" benchmark.py $COMMON $FAST $IT_B --cudnn_benchmark True \
+    --output "$OUT/bench_b_cudnn.json"
   run_step bench_f "$T_BENCH" 60 "$PY" benchmark.py $COMMON $FAST --compile True $IT_B --output "$OUT/bench_f.json"
 fi
 
