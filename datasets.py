@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 import torch.utils.data
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from torch_functions import UserInputError
 

@@ -148,7 +148,7 @@ def test_conjugate_rotation_negates_the_imaginary_part():
     plus, minus = proj(img, txt, 1.0), proj(img, txt, -1.0)
     torch.testing.assert_close(plus["concat"][:, :16], minus["concat"][:, :16])
     torch.testing.assert_close(plus["concat"][:, 16:], -minus["concat"][:, 16:])
-    z, delta = plus["channels"][:, 0], plus["channels"][:, 1]
+    z = plus["channels"][:, 0]
     torch.testing.assert_close(plus["concat"][:, :16] ** 2 + plus["concat"][:, 16:] ** 2, z ** 2)  # |z e^{i d}| = |z|
     torch.testing.assert_close(plus["channels"][:, 2], img)
 
