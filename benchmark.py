@@ -109,6 +109,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(main.py --fuse_image_passes)", **flag)
     p.add_argument("--cuda_graph", default=False, help="capture the training step as a CUDA graph (main.py "
                    "--cuda_graph)", **flag)
+    p.add_argument("--graph_check", type=int, default=6, help="with --cuda_graph: after the timing, train this many "
+                   "batches eagerly and through the graph from the same weights (dropout off) and report the "
+                   "differences; 0 = skip")
     p.add_argument("--iters", type=int, default=None, help="timed training iterations [preset]")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up iterations first [preset]")
     p.add_argument("--eval", default=True, help="time one full test_retrieval.evaluate of the test task", **flag)
@@ -401,6 +404,35 @@ def count_dispatched_ops(step: Callable[[], Any]) -> dict[str, Any]:
     return {"ops_per_step": sum(counter.counts.values()), "top_ops": dict(top)}
 
 
+def graph_vs_eager(args: argparse.Namespace, texts: Sequence[str], batches: Sequence[dict], device: torch.device,
+                   warmup: int = 2) -> dict[str, Any]:
+    """The same batches through ``main.train_one_step`` and through a ``main.CudaGraphStep``, from the same weights,
+    with dropout off (its random masks come from different streams of numbers in the two paths). Returns the
+    largest differences of the total loss per step and of any weight or buffer, relative to its largest entry."""
+    runs = []
+    for step_fn in (main_module.train_one_step, main_module.CudaGraphStep(warmup=warmup)):
+        torch.manual_seed(args.seed)
+        model, optimizer, scheduler = main_module.create_model_and_optimizer(args, texts)
+        model.loss_generator = torch.Generator(device).manual_seed(args.seed)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        main_module.place_model(args, model, device)
+        model.train()
+        losses = torch.stack([step_fn(model, b, optimizer, scheduler, args, device)["total training loss"]
+                              for b in batches]).cpu()
+        runs.append((model.state_dict(), losses, step_fn))
+    (eager, eager_losses, _), (graphed, graph_losses, step) = runs
+    rel = {name: float((graphed[name].double() - x.double()).abs().max() / x.double().abs().max().clamp_min(1e-12))
+           for name, x in eager.items() if x.is_floating_point() and x.numel()}
+    worst = max(rel, key=rel.get)
+    return {"steps": len(batches), "warmup": warmup, "captures": step.captures,
+            "loss_max_abs_diff": float((graph_losses - eager_losses).abs().max()),
+            "eager_losses": eager_losses.tolist(), "graph_losses": graph_losses.tolist(),
+            "weights_max_rel_diff": rel[worst], "worst_tensor": worst,
+            "int_buffers_equal": all(torch.equal(graphed[k], x) for k, x in eager.items() if not x.is_floating_point())}
+
+
 @contextlib.contextmanager
 def _survive(result: dict, key: str) -> Iterator[None]:
     """Runs a measurement that is not the main one: an exception is logged and kept under ``result[key]``."""
@@ -542,6 +574,10 @@ def run(a: argparse.Namespace) -> dict:
     if a.profile:
         with _survive(result, "profile_error"):
             result["profile"] = profile_steps(step, a.profile_steps, a.profile, device)
+    if a.cuda_graph and a.graph_check > 0:
+        with _survive(result, "graph_check_error"):
+            result["graph_check"] = graph_vs_eager(args, trainset.get_all_texts(),
+                                                   [next(batches) for _ in range(a.graph_check)], device)
 
     result.update({"eval_queries_per_s": None, "eval_seconds": None})
     if a.eval:
@@ -716,6 +752,16 @@ def summarize(out_dir: str) -> str:
                       f"Ceiling (ResNet-18 step, bf16+channels_last): 2 images per sample -> "
                       f"{RESNET18_CEILING_IMAGES_PER_S[32] / 2:,.0f} samples/s at b32, "
                       f"{RESNET18_CEILING_IMAGES_PER_S[256] / 2:,.0f} at b256."]
+
+    for stem, r in results.items():
+        check = (r or {}).get("graph_check")
+        if check:
+            lines += ["", f"Graph check ({stem}: {check['steps']} batches eager and through the CUDA graph from the same "
+                          f"weights, dropout off): loss max abs diff {check['loss_max_abs_diff']:.3g}, weights max rel "
+                          f"diff {check['weights_max_rel_diff']:.3g} ({check['worst_tensor']}), integer buffers equal: "
+                          f"{check['int_buffers_equal']}, captures: {check['captures']}."]
+        elif r and r.get("graph_check_error"):
+            lines += ["", f"Graph check ({stem}) failed: {r['graph_check_error'][:200]}"]
 
     ceiling = _load(os.path.join(out_dir, "ceiling.json"))
     if ceiling and ceiling.get("ceiling_images_per_s"):
