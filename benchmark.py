@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(main.py --fuse_image_passes)", **flag)
     p.add_argument("--cuda_graph", default=False, help="capture the training step as a CUDA graph (main.py "
                    "--cuda_graph)", **flag)
-    p.add_argument("--graph_check", type=int, default=6, help="with --cuda_graph: after the timing, train this many "
+    p.add_argument("--graph_check", type=int, default=4, help="with --cuda_graph: after the timing, train this many "
                    "batches eagerly and through the graph from the same weights (dropout off) and report the "
                    "differences; 0 = skip")
     p.add_argument("--iters", type=int, default=None, help="timed training iterations [preset]")
@@ -406,30 +406,44 @@ def count_dispatched_ops(step: Callable[[], Any]) -> dict[str, Any]:
 
 def graph_vs_eager(args: argparse.Namespace, texts: Sequence[str], batches: Sequence[dict], device: torch.device,
                    warmup: int = 2) -> dict[str, Any]:
-    """The same batches through ``main.train_one_step`` and through a ``main.CudaGraphStep``, from the same weights,
-    with dropout off (its random masks come from different streams of numbers in the two paths). Returns the
-    largest differences of the total loss per step and of any weight or buffer, relative to its largest entry."""
+    """The same batches through ``main.train_one_step`` twice and through a ``main.CudaGraphStep`` once, from the
+    same weights, with dropout off (its masks come from other streams of numbers in the two paths) and
+    deterministic cuDNN. Returns the largest differences, graph against eager, of the total loss per step and of any
+    weight or buffer relative to its largest entry; the second eager run gives the run-to-run noise of the same.
+
+    Keep ``batches`` short: in this small problem a difference of one rounding grows ~100x per step."""
     runs = []
-    for step_fn in (main_module.train_one_step, main_module.CudaGraphStep(warmup=warmup)):
-        torch.manual_seed(args.seed)
-        model, optimizer, scheduler = main_module.create_model_and_optimizer(args, texts)
-        model.loss_generator = torch.Generator(device).manual_seed(args.seed)
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-        main_module.place_model(args, model, device)
-        model.train()
-        losses = torch.stack([step_fn(model, b, optimizer, scheduler, args, device)["total training loss"]
-                              for b in batches]).cpu()
-        runs.append((model.state_dict(), losses, step_fn))
-    (eager, eager_losses, _), (graphed, graph_losses, step) = runs
-    rel = {name: float((graphed[name].double() - x.double()).abs().max() / x.double().abs().max().clamp_min(1e-12))
-           for name, x in eager.items() if x.is_floating_point() and x.numel()}
-    worst = max(rel, key=rel.get)
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        for step_fn in (main_module.train_one_step, main_module.train_one_step, main_module.CudaGraphStep(warmup)):
+            torch.manual_seed(args.seed)
+            model, optimizer, scheduler = main_module.create_model_and_optimizer(args, texts)
+            model.loss_generator = torch.Generator(device).manual_seed(args.seed)
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            main_module.place_model(args, model, device)
+            model.train()
+            losses = torch.stack([step_fn(model, b, optimizer, scheduler, args, device)["total training loss"]
+                                  for b in batches]).cpu()
+            runs.append((model.state_dict(), losses, step_fn))
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    (eager, eager_losses, _), (again, again_losses, _), (graphed, graph_losses, step) = runs
+
+    def rel(other: dict) -> dict[str, float]:
+        return {name: float((other[name].double() - x.double()).abs().max() / x.double().abs().max().clamp_min(1e-12))
+                for name, x in eager.items() if x.is_floating_point() and x.numel()}
+
+    graph_rel, noise_rel = rel(graphed), rel(again)
+    worst = max(graph_rel, key=graph_rel.get)
     return {"steps": len(batches), "warmup": warmup, "captures": step.captures,
             "loss_max_abs_diff": float((graph_losses - eager_losses).abs().max()),
             "eager_losses": eager_losses.tolist(), "graph_losses": graph_losses.tolist(),
-            "weights_max_rel_diff": rel[worst], "worst_tensor": worst,
+            "weights_max_rel_diff": graph_rel[worst], "worst_tensor": worst,
+            "eager_noise_loss_max_abs_diff": float((again_losses - eager_losses).abs().max()),
+            "eager_noise_weights_max_rel_diff": max(noise_rel.values()),
             "int_buffers_equal": all(torch.equal(graphed[k], x) for k, x in eager.items() if not x.is_floating_point())}
 
 
@@ -759,7 +773,9 @@ def summarize(out_dir: str) -> str:
             lines += ["", f"Graph check ({stem}: {check['steps']} batches eager and through the CUDA graph from the same "
                           f"weights, dropout off): loss max abs diff {check['loss_max_abs_diff']:.3g}, weights max rel "
                           f"diff {check['weights_max_rel_diff']:.3g} ({check['worst_tensor']}), integer buffers equal: "
-                          f"{check['int_buffers_equal']}, captures: {check['captures']}."]
+                          f"{check['int_buffers_equal']}, captures: {check['captures']}; eager against eager: loss "
+                          f"{check.get('eager_noise_loss_max_abs_diff', float('nan')):.3g}, weights "
+                          f"{check.get('eager_noise_weights_max_rel_diff', float('nan')):.3g}."]
         elif r and r.get("graph_check_error"):
             lines += ["", f"Graph check ({stem}) failed: {r['graph_check_error'][:200]}"]
 

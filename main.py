@@ -344,6 +344,8 @@ class CudaGraphStep:
     """
 
     def __init__(self, warmup: int = 3):
+        if warmup < 1:  # SGD creates its momentum buffers on its first step: inside a capture they would be reset
+            raise ValueError(f"CudaGraphStep needs at least 1 eager warm-up step, got {warmup}")
         self.warmup = warmup
         self.steps = 0
         self.static: dict[str, torch.Tensor] | None = None  # src, text, tgt input buffers
@@ -358,7 +360,9 @@ class CudaGraphStep:
         inputs = {"src": src, "text": text, "tgt": tgt}
         same_shape = self.static is not None and all(
             inputs[k].shape == self.static[k].shape and inputs[k].stride() == self.static[k].stride() for k in inputs)
-        if self.steps < self.warmup or (self.static is not None and not same_shape):
+        # the static shape is taken from a full batch only: one that lost unreadable images runs eagerly
+        full = len(batch["text"]) == args.batch_size
+        if self.steps < self.warmup or not full or (self.static is not None and not same_shape):
             optimizer.zero_grad(set_to_none=True)
             with _side_stream(device):
                 out = loss_backward_update(model, src, text, tgt, optimizer, args, device)
@@ -381,8 +385,11 @@ class CudaGraphStep:
         s = self.static
 
         def step() -> dict[str, torch.Tensor]:
+            # The autocast weight cache cannot live in a graph. Under --amp, a weight used twice (two ResNet passes,
+            # the conjugate composition) is then cast twice and its two gradient parts are summed in fp32, where
+            # the eager step, with the cache, sums them in bf16: a rounding difference, not another model.
             return loss_backward_update(model, s["src"], s["text"], s["tgt"], optimizer, args, device,
-                                        autocast_cache=False)  # the autocast weight cache cannot live in a graph
+                                        autocast_cache=False)
 
         self.replay, self.outputs = None, None  # frees the previous graph and its memory before the new capture
         optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) fresh gradients
@@ -399,7 +406,9 @@ class CudaGraphStep:
             if generator is not None and generator.device.type == "cuda":
                 graph.register_generator_state(generator)
         torch.cuda.synchronize(device)
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread keeps calling CUDA during the capture, which the
+        # default "global" mode would count as an error in the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = step()
         self.replay = graph.replay
 

@@ -156,10 +156,15 @@ class BertTextEncoder:
 
     @torch.no_grad()
     def encode_uncached(self, texts: Sequence[str]) -> torch.Tensor:
-        """texts -> (B, H) pooled sentence vectors, computed now (no cache)."""
+        """texts -> (B, H) pooled sentence vectors, computed now (no cache), always in fp32.
+
+        Autocast is switched off here: a text is encoded once, the first time any caller asks, so under --amp its
+        cached vector would otherwise depend on whether that caller ran inside bf16 autocast (training) or not.
+        """
         batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_len,
                                return_tensors="pt").to(self.device)
-        out = self.bert(**batch, output_hidden_states=True)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            out = self.bert(**batch, output_hidden_states=True)
         hidden = out.hidden_states[self.pooling_layer].float()  # (B, L, H)
         mask = batch["attention_mask"].unsqueeze(-1).float()  # (B, L, 1): [CLS] and [SEP] are 1, padding 0
         return (hidden * mask).sum(1) / mask.sum(1)

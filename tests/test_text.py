@@ -93,3 +93,18 @@ def test_missing_bert_folder_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserInputError, match="cannot load it"):
         text_model.build_text_encoder("bert", bert_model=str(tmp_path / "empty"))
+
+
+def test_bert_vectors_do_not_depend_on_the_callers_autocast(tiny_bert_32):
+    """A text is encoded once, by whichever caller meets it first: under --amp the training step runs inside bf16
+    autocast, the CUDA graph step and evaluation do not. The cached vector must be the fp32 one either way."""
+    enc = text_model.build_text_encoder("bert", bert_model=tiny_bert_32)
+    plain = enc.encode_uncached(["replace red with blue"])
+    dtypes = []
+    query = next(m for m in enc.bert.modules() if isinstance(m, torch.nn.Linear))
+    query.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        inside = enc(["replace red with blue"])
+        assert torch.nn.Linear(2, 2)(torch.ones(1, 2)).dtype == torch.bfloat16  # autocast is on out here
+    assert dtypes and all(d == torch.float32 for d in dtypes)  # but not inside BERT
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
