@@ -297,13 +297,16 @@ def images_to_device(batch: dict, args, device: torch.device) -> tuple[torch.Ten
 
 
 def loss_backward_update(model, src: torch.Tensor, texts, tgt: torch.Tensor, optimizer, args,
-                         device: torch.device, autocast_cache: bool = True) -> dict[str, torch.Tensor]:
+                         device: torch.device) -> dict[str, torch.Tensor]:
     """Forward, backward and the SGD update on gradients that the caller zeroed; returns the detached loss terms
     (the base loss under its --loss name, the extra terms, and 'total training loss'), with no host sync.
 
     ``texts``: B strings, or their (B, T) features from a frozen text encoder (see ``CudaGraphStep``).
     """
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp, cache_enabled=autocast_cache):
+    # Autocast's weight cache stays off: a CUDA graph cannot hold it, and with it a weight used twice (two ResNet
+    # passes, the conjugate composition) would have its two gradient parts summed in bf16, without it in fp32, so
+    # the eager and the captured step would differ under --amp.
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=args.amp, cache_enabled=False):
         terms = model(src, texts, tgt, args.loss)
     total = models.total_loss(terms, args.loss_weights)
     total.backward()
@@ -385,11 +388,7 @@ class CudaGraphStep:
         s = self.static
 
         def step() -> dict[str, torch.Tensor]:
-            # The autocast weight cache cannot live in a graph. Under --amp, a weight used twice (two ResNet passes,
-            # the conjugate composition) is then cast twice and its two gradient parts are summed in fp32, where
-            # the eager step, with the cache, sums them in bf16: a rounding difference, not another model.
-            return loss_backward_update(model, s["src"], s["text"], s["tgt"], optimizer, args, device,
-                                        autocast_cache=False)
+            return loss_backward_update(model, s["src"], s["text"], s["tgt"], optimizer, args, device)
 
         self.replay, self.outputs = None, None  # frees the previous graph and its memory before the new capture
         optimizer.zero_grad(set_to_none=True)  # the captured backward then writes (not adds) fresh gradients
