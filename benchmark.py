@@ -11,10 +11,9 @@ iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/
 ``test_retrieval.evaluate`` of the synthetic test task, image features included), peak memory
 (``torch.cuda.max_memory_allocated`` on a GPU, ``ru_maxrss`` on the CPU) and every setting used.
 
-Nothing here re-implements the project: the data is written by ``datasets.generate_synthetic`` (or, for speed, by
-a process pool that writes byte-identical files with the same drawing code; ``generate_synthetic`` then checks the
-result), read by ``datasets.build_datasets`` / ``EpochBatchSampler`` / ``collate_train`` (optionally through the
-decode-once ``image_cache``); the model and optimizer come from ``main.create_model_and_optimizer`` (flags parsed by
+Nothing here re-implements the project: the data is written by ``datasets.generate_synthetic`` (with a process
+pool: byte-identical files), read by ``datasets.build_datasets`` / ``EpochBatchSampler`` / ``collate_train``
+(optionally through the decode-once ``image_cache``); the model and optimizer come from ``main.create_model_and_optimizer`` (flags parsed by
 ``main.get_args_parser`` + ``main.resolve_defaults``), every step is ``main.make_train_step``'s (``train_one_step``,
 or ``CudaGraphStep`` with ``--cuda_graph``) and the evaluation is ``test_retrieval.evaluate``.
 
@@ -32,10 +31,8 @@ synthetic words into ``<data_dir>/`` and uses that folder: the compute of bert-b
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -80,14 +77,10 @@ RANDOM_BERTS = {
 }
 
 
-def str2bool_flag(value: str | bool) -> bool:
-    return main_module.str2bool(value)
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    flag = dict(type=str2bool_flag, nargs="?", const=True)  # `--amp`, `--amp True` and `--amp False` all work
+    flag = dict(type=main_module.str2bool, nargs="?", const=True)  # `--amp`, `--amp True` and `--amp False` all work
     p.add_argument("--size", choices=sorted(PRESETS), default="cpu", help="preset: data size, batch, iterations")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--model", default="composeAE", help="composition model (main.py --model)")
@@ -145,66 +138,6 @@ def synthetic_path(data_dir: str, params: dict) -> str:
     p = params
     return os.path.join(data_dir, f"synthetic-{p['n_train_nouns']}x{p['n_test_nouns']}x{p['adjectives_per_noun']}"
                                   f"x{p['images_per_class']}-{p['image_size']}px-seed{p['seed']}")
-
-
-def _render_images(job: tuple) -> None:
-    """Images ``first..last-1`` of one class folder of the synthetic dataset, exactly as
-    ``datasets.generate_synthetic`` writes them."""
-    from PIL import Image
-
-    folder, seed, c, a, noun, adj, image_size, first, last, noise_std = job
-    os.makedirs(folder, exist_ok=True)
-    for k in range(first, last):
-        rng = datasets._rng(seed, c, a, k, datasets._SYNTHETIC_TAG)
-        pixels = datasets.render_synthetic_image(noun, adj, image_size, rng, noise_std)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{k:03d}.jpg"), quality=92)
-
-
-def generate_synthetic_parallel(path: str, workers: int = 0, noise_std: float = 6.0, chunk: int = 32,
-                                **params) -> None:
-    """``datasets.generate_synthetic(path, **params)``, with the images drawn by ``workers`` processes.
-
-    Uses ``generate_synthetic(num_workers=...)`` where datasets.py has it. Otherwise the class folders are drawn by
-    a process pool with the generator's own drawing code and seeds into a temporary folder that is renamed into
-    place, and ``generate_synthetic`` is then called on it: it returns at once when the result is what it would
-    have written (same manifest), and regenerates it serially otherwise (slow, never wrong).
-    """
-    workers = workers or os.cpu_count() or 1
-    if "num_workers" in inspect.signature(datasets.generate_synthetic).parameters:
-        datasets.generate_synthetic(path, noise_std=noise_std, num_workers=workers, **params)
-        return
-    plan = datasets._synthetic_plan(params["seed"], params["n_train_nouns"], params["n_test_nouns"],
-                                    params["adjectives_per_noun"])
-    manifest = {"format": datasets.SYNTHETIC_FORMAT, "seed": int(params["seed"]),
-                "image_size": int(params["image_size"]), "n_train_nouns": params["n_train_nouns"],
-                "n_test_nouns": params["n_test_nouns"], "adjectives_per_noun": params["adjectives_per_noun"],
-                "images_per_class": params["images_per_class"], "noise_std": float(noise_std), "classes": plan}
-    if not datasets._manifest_matches(path, manifest) and workers > 1 and not os.path.exists(path):
-        t0 = time.perf_counter()
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.par-", dir=parent)
-        try:
-            n = params["images_per_class"]  # chunks of a class: a slow class ('hollow') does not run alone at the end
-            jobs = [(os.path.join(tmp, "images", f"{adj} {noun}"), params["seed"], c, a, noun, adj,
-                     params["image_size"], k, min(k + chunk, n), noise_std)
-                    for c, (noun, adjs) in enumerate(plan.items()) for a, adj in enumerate(adjs)
-                    for k in range(0, n, chunk)]
-            import multiprocessing
-
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-                list(pool.map(_render_images, jobs))
-            with open(os.path.join(tmp, datasets.SYNTHETIC_MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process installed it first
-                pass
-            logger.info("synthetic data drawn by %d processes in %.1f s: %s", workers, time.perf_counter() - t0, path)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-    datasets.generate_synthetic(path, noise_std=noise_std, **params)  # no-op when the folder is what it writes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -368,7 +301,6 @@ def count_host_syncs(step, n: int) -> float:
         try:
             for _ in range(n):
                 step(None)
-            torch.cuda.set_sync_debug_mode(0)
         finally:
             torch.cuda.set_sync_debug_mode(0)
     hits = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
@@ -473,7 +405,7 @@ def run(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     params = synthetic_params(preset, a.seed)
     data_path = synthetic_path(a.data_dir, params)
-    generate_synthetic_parallel(data_path, workers=a.gen_workers, **params)
+    datasets.generate_synthetic(data_path, num_workers=a.gen_workers or os.cpu_count() or 1, **params)
     timings["data_s"] = time.perf_counter() - t0
 
     image_cache = os.path.join(a.data_dir, "cache") if a.image_cache == "auto" else a.image_cache

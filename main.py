@@ -185,14 +185,19 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
-def save_checkpoint(path: str, state: dict) -> None:
-    """Atomic: written to a temp file in the same folder, then renamed over ``path``."""
+def atomic_write(path: str, write, mode: str = "wb") -> None:
+    """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``: readers
+    see the old file or the whole new one, never a torn one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: str) -> dict:
@@ -457,10 +462,7 @@ def best_score(metrics: dict[str, float], name: str) -> float:
 
 
 def write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: json.dump(data, f, indent=2), mode="w")
 
 
 class Run:

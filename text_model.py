@@ -123,8 +123,7 @@ class BertTextEncoder:
 
     kind = "bert"
 
-    def __init__(self, name_or_path: str = "bert-base-uncased", max_seq_len: int = 25, pooling_layer: int = -2,
-                 encode_batch_size: int = 256):
+    def __init__(self, name_or_path: str = "bert-base-uncased", max_seq_len: int = 25, pooling_layer: int = -2):
         from transformers import AutoModel, AutoTokenizer  # imported here: nothing heavy at import time
 
         self.name = name_or_path
@@ -141,7 +140,6 @@ class BertTextEncoder:
         self.dim = int(self.bert.config.hidden_size)
         self.max_seq_len = max_seq_len
         self.pooling_layer = pooling_layer
-        self.encode_batch_size = encode_batch_size
         self._rows: dict[str, int] = {}
         self._table = torch.zeros(0, self.dim)  # (N_cached, H) on the encoder's device
 
@@ -170,7 +168,7 @@ class BertTextEncoder:
         return (hidden * mask).sum(1) / mask.sum(1)
 
     def cache_texts(self, texts: Iterable[str]) -> None:
-        """Encode every text not yet cached (in batches)."""
+        """Encode every text not yet cached, one text per BERT forward pass."""
         new = list(dict.fromkeys(t for t in texts if t not in self._rows))
         # One text per forward pass: a text's vector must not depend on the texts it happened to be batched with
         # (the matmul kernels differ with the batch shape, ~1e-7), or a run depends on the order it saw its texts.
