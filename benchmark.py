@@ -11,7 +11,7 @@ iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/
 ``test_retrieval.evaluate`` of the synthetic test task, image features included), peak memory
 (``torch.cuda.max_memory_allocated`` on a GPU, ``ru_maxrss`` on the CPU) and every setting used.
 
-Nothing here re-implements the project: the data is written by ``datasets.generate_synthetic`` (with a process
+Nothing here re-implements the project: the data is written by ``synthetic.generate_synthetic`` (with a process
 pool: byte-identical files), read by ``datasets.build_datasets`` / ``EpochBatchSampler`` / ``collate_train``
 (optionally through the decode-once ``image_cache``); the model and optimizer come from ``main.create_model_and_optimizer`` (flags parsed by
 ``main.get_args_parser`` + ``main.resolve_defaults``), every step is ``main.make_train_step``'s (``train_one_step``,
@@ -49,7 +49,10 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 import datasets
+import synthetic
+import factory
 import main as main_module
+import training
 import test_retrieval
 
 logger = logging.getLogger("benchmark")
@@ -143,7 +146,7 @@ def synthetic_path(data_dir: str, params: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # A random BERT with bert-base's compute
 def synthetic_words() -> list[str]:
-    words = set(datasets.SYNTHETIC_ADJECTIVES) | set(datasets.SYNTHETIC_TRAIN_NOUNS) | set(datasets.SYNTHETIC_TEST_NOUNS)
+    words = set(synthetic.SYNTHETIC_ADJECTIVES) | set(synthetic.SYNTHETIC_TRAIN_NOUNS) | set(synthetic.SYNTHETIC_TEST_NOUNS)
     return sorted(words)
 
 
@@ -348,14 +351,14 @@ def graph_vs_eager(args: argparse.Namespace, texts: Sequence[str], batches: Sequ
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
-        for step_fn in (main_module.train_one_step, main_module.train_one_step, main_module.CudaGraphStep(warmup)):
+        for step_fn in (training.train_one_step, training.train_one_step, training.CudaGraphStep(warmup)):
             torch.manual_seed(args.seed)
-            model, optimizer, scheduler = main_module.create_model_and_optimizer(args, texts)
+            model, optimizer, scheduler = factory.create_model_and_optimizer(args, texts)
             model.loss_generator = torch.Generator(device).manual_seed(args.seed)
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-            main_module.place_model(args, model, device)
+            factory.place_model(args, model, device)
             model.train()
             losses = torch.stack([step_fn(model, b, optimizer, scheduler, args, device)["total training loss"]
                                   for b in batches]).cpu()
@@ -399,13 +402,13 @@ def run(a: argparse.Namespace) -> dict:
     if min(a.batch_size, a.iters, a.image_size) < 1 or a.warmup < 0 or a.workers < 0:
         raise main_module.UserInputError("--batch_size, --iters and --image_size must be >= 1, --warmup and "
                                          "--workers >= 0")
-    device = main_module.pick_device(a.device)
+    device = factory.pick_device(a.device)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     params = synthetic_params(preset, a.seed)
     data_path = synthetic_path(a.data_dir, params)
-    datasets.generate_synthetic(data_path, num_workers=a.gen_workers or os.cpu_count() or 1, **params)
+    synthetic.generate_synthetic(data_path, num_workers=a.gen_workers or os.cpu_count() or 1, **params)
     timings["data_s"] = time.perf_counter() - t0
 
     image_cache = os.path.join(a.data_dir, "cache") if a.image_cache == "auto" else a.image_cache
@@ -419,10 +422,7 @@ def run(a: argparse.Namespace) -> dict:
     # -- as main.run_main
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    trainset, testset = datasets.build_datasets(
-        args.dataset, args.dataset_path, image_size=args.image_size, use_complete_text_query=args.use_complete_text_query,
-        category=args.category_to_train, seed=args.seed, image_cache=args.image_cache or None,
-        exclude_source_adj=args.exclude_source_adj)
+    trainset, testset = factory.build_datasets(args)
     timings["datasets_s"] = time.perf_counter() - t0  # includes building the image cache the first time
     task = testset.test_task()
     data_info = {"path": os.path.abspath(data_path), "jpeg_size": params["image_size"], "train_images": len(trainset),
@@ -447,9 +447,9 @@ def run(a: argparse.Namespace) -> dict:
         return {"prepared": True, "data": data_info, "settings": settings, "timings_s": timings}
 
     t0 = time.perf_counter()
-    model, optimizer, scheduler = main_module.create_model_and_optimizer(args, trainset.get_all_texts())
+    model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
     model.loss_generator = torch.Generator(device).manual_seed(args.seed)  # soft-triplet sampler, as main.run_main
-    main_module.place_model(args, model, device)
+    factory.place_model(args, model, device)
     settings["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     timings["model_s"] = time.perf_counter() - t0
     if getattr(model, "bert", None) is not None:
@@ -471,9 +471,9 @@ def run(a: argparse.Namespace) -> dict:
     if len(sampler) == 0:
         raise main_module.UserInputError(f"{data_path}: {len(trainset)} training items, fewer than --batch_size "
                                          f"{args.batch_size}; lower --batch_size")
-    loader = main_module.make_train_loader(args, trainset, sampler, device)
+    loader = training.make_train_loader(args, trainset, sampler, device)
     batches = endless_batches(loader, sampler)
-    train_step = main_module.make_train_step(args)  # main.train_one_step, or a CudaGraphStep with --cuda_graph
+    train_step = training.make_train_step(args)  # main.train_one_step, or a CudaGraphStep with --cuda_graph
     model.train()
     last: dict = {}
 
@@ -589,7 +589,7 @@ def resnet18_ceiling(device: torch.device, batch_sizes: Sequence[int] = (32, 256
 def ceiling_main(a: argparse.Namespace) -> dict:
     """--ceiling: batch 32 and 256 at 224 px, 30 timed steps after 10, unless the flags say otherwise."""
     sizes = (a.batch_size,) if a.batch_size else tuple(RESNET18_CEILING_IMAGES_PER_S)
-    return resnet18_ceiling(main_module.pick_device(a.device), sizes, iters=a.iters or 30,
+    return resnet18_ceiling(factory.pick_device(a.device), sizes, iters=a.iters or 30,
                             warmup=10 if a.warmup is None else a.warmup, image_size=a.image_size or 224)
 
 

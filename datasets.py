@@ -1,4 +1,5 @@
-"""Datasets in their published layouts (MIT-States, Fashion200k, Fashion IQ) and a synthetic one.
+"""Dataset loaders in their published layouts (MIT-States, Fashion200k, Fashion IQ; the synthetic dataset of
+``synthetic.py`` uses the MIT-States layout).
 
 The three benchmarks are the ones of TIRG (Vo et al., CVPR 2019, arXiv 1812.07119, Sec. 4) and ComposeAE
 (Anwaar et al., WACV 2021, arXiv 2006.11149, Sec. 4.1). Every dataset returns images as uint8 tensors (3, S, S)
@@ -11,22 +12,18 @@ benchmarks as ``RetrievalTask`` objects that ``test_retrieval.evaluate`` consume
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.utils.data
-from PIL import Image, ImageDraw
 
+from image_cache import BadImageError, ImageCache, load_rgb_uint8  # noqa: F401 (BadImageError: part of the API)
 from torch_functions import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +67,6 @@ _JPEG_SUFFIXES = (".jpg", ".jpeg")
 # are non-zero and larger than any epoch or index).
 _SAMPLER_TAG = (1 << 40) + 1
 _TRAIN_TASK_TAG = (1 << 40) + 2
-_SYNTHETIC_TAG = (1 << 40) + 3
 _U64 = 1 << 64
 
 
@@ -78,7 +74,7 @@ def _seed_words(*parts: int) -> list[int]:
     return [int(p) % _U64 for p in parts]
 
 
-def _rng(*parts: int) -> np.random.Generator:
+def seeded_rng(*parts: int) -> np.random.Generator:
     """A numpy Generator that depends only on the integers ``parts`` (negative seeds wrap modulo 2**64)."""
     return np.random.default_rng(_seed_words(*parts))
 
@@ -86,147 +82,6 @@ def _rng(*parts: int) -> np.random.Generator:
 def _pick(rng: np.random.Generator, seq: Sequence) -> Any:
     """Uniform choice of one element of ``seq`` (non-empty)."""
     return seq[int(rng.integers(len(seq)))]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Image loading
-# ----------------------------------------------------------------------------------------------------------------
-
-class BadImageError(Exception):
-    """An image file that cannot be opened or decoded (missing, corrupt, truncated)."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.path = path
-
-    def __str__(self) -> str:
-        return f"unreadable image {self.path}"
-
-
-def load_rgb_uint8(path: str, image_size: int) -> torch.Tensor:
-    """Decodes ``path`` as the original did and returns a uint8 tensor (3, S, S), S = ``image_size``.
-
-    PIL open -> convert('RGB') (MIT-States holds grayscale and CMYK JPEGs) -> Resize(S) on the shorter side (PIL
-    bilinear) -> CenterCrop(S) -> pil_to_tensor. PIL's LOAD_TRUNCATED_IMAGES is left alone, so a truncated file
-    raises ``BadImageError(path)`` instead of silently returning a partly grey image.
-    """
-    import torchvision.transforms.functional as TF
-
-    try:
-        with open(path, "rb") as f:
-            with Image.open(f) as img:
-                rgb = img.convert("RGB")  # forces the full decode
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise BadImageError(path) from exc
-    rgb = TF.resize(rgb, image_size, interpolation=TF.InterpolationMode.BILINEAR)
-    rgb = TF.center_crop(rgb, [image_size, image_size])
-    return TF.pil_to_tensor(rgb).contiguous()  # (3, S, S) uint8
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Decode-once image cache
-# ----------------------------------------------------------------------------------------------------------------
-
-def _file_list_digest(paths: Sequence[str]) -> str:
-    """SHA-1 over the paths, sizes and modification times of ``paths`` (a missing file counts as size -1)."""
-    h = hashlib.sha1()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            size, mtime = -1, -1
-        h.update(f"{os.path.abspath(p)}\t{size}\t{mtime}\n".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
-
-
-class ImageCache:
-    """Every image of a dataset decoded and resized once, in a uint8 memmap (N, 3, S, S) under ``folder``.
-
-    The transform has no randomness, so one decode serves every epoch and every later run. The file name holds the
-    dataset name, split, image size and a hash of the file list (paths, sizes, mtimes); a changed file list makes a
-    new cache. The array is written to a temporary file and moved into place with ``os.replace`` before its sidecar
-    json (which also lists the unreadable images, stored as zeros) is moved in, so a reader never sees a half
-    written cache. ``get(i)`` returns exactly what ``load_rgb_uint8`` returns, and raises ``BadImageError`` for an
-    unreadable image as a fresh decode would. The open memmap is not pickled (workers reopen it).
-    """
-
-    def __init__(self, folder: str, name: str, split: str, image_size: int, paths: Sequence[str],
-                 num_threads: int | None = None) -> None:
-        self.paths = list(paths)
-        self.image_size = int(image_size)
-        digest = _file_list_digest(self.paths)
-        stem = f"{name}-{split}-{self.image_size}px-{digest[:16]}"
-        os.makedirs(folder, exist_ok=True)
-        self.data_file = os.path.join(folder, stem + ".u8")
-        self.meta_file = os.path.join(folder, stem + ".json")
-        self.digest = digest
-        self.shape = (len(self.paths), 3, self.image_size, self.image_size)
-        meta = self._read_meta()
-        if meta is None:
-            meta = self._build(num_threads)
-        self.bad = frozenset(int(i) for i in meta["bad"])
-        self._array: np.memmap | None = None
-
-    def _read_meta(self) -> dict | None:
-        try:
-            with open(self.meta_file) as f:
-                meta = json.load(f)
-            ok = (meta.get("digest") == self.digest and meta.get("shape") == list(self.shape)
-                  and os.path.getsize(self.data_file) == int(np.prod(self.shape)))
-        except (OSError, ValueError, AttributeError):
-            return None
-        return meta if ok else None
-
-    def _build(self, num_threads: int | None) -> dict:
-        from tqdm import tqdm
-
-        n = len(self.paths)
-        tmp = f"{self.data_file}.tmp-{os.getpid()}"
-        array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
-        bad: list[int] = []
-
-        def decode(i: int) -> int | None:
-            try:
-                array[i] = load_rgb_uint8(self.paths[i], self.image_size).numpy()
-                return None
-            except BadImageError:
-                array[i] = 0
-                return i
-
-        workers = num_threads or min(8, os.cpu_count() or 1)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for result in tqdm(pool.map(decode, range(n)), total=n, desc="image cache", mininterval=1.0,
-                                   disable=n < 1000):
-                    if result is not None:
-                        bad.append(result)
-            array.flush()
-            del array
-            os.replace(tmp, self.data_file)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        meta = {"digest": self.digest, "shape": list(self.shape), "bad": sorted(bad),
-                "bad_paths": [self.paths[i] for i in sorted(bad)]}
-        tmp_meta = f"{self.meta_file}.tmp-{os.getpid()}"
-        with open(tmp_meta, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp_meta, self.meta_file)
-        logger.info("image cache written: %s (%d images, %d unreadable)", self.data_file, n, len(bad))
-        return meta
-
-    def get(self, i: int) -> torch.Tensor:
-        if i in self.bad:
-            raise BadImageError(self.paths[i])
-        if self._array is None:
-            self._array = np.memmap(self.data_file, dtype=np.uint8, mode="r", shape=self.shape)
-        return torch.from_numpy(np.array(self._array[i]))  # (3, S, S) uint8, a private copy
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_array"] = None  # a memmap would be pickled as a full in-memory copy
-        return state
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -323,7 +178,7 @@ class _RetrievalDataset(torch.utils.data.Dataset):
             raise ValueError(f"n_queries must be >= 0, got {n}")
         if n == 0:
             return []
-        rng = _rng(seed, _TRAIN_TASK_TAG)
+        rng = seeded_rng(seed, _TRAIN_TASK_TAG)
         chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=n > len(pool))
         return [int(i) for i in chosen]
 
@@ -463,7 +318,7 @@ class MITStates(_RetrievalDataset):
         self._check_index(index)
         if slot not in (0, 1):
             raise KeyError(f"MIT-States slot must be 0 or 1, got {slot}")
-        source, target0, target1 = self.sample_pair(_rng(self.seed, epoch, index), index)
+        source, target0, target1 = self.sample_pair(seeded_rng(self.seed, epoch, index), index)
         return source, (target0 if slot == 0 else target1)
 
     def __getitem__(self, key: Any) -> dict | None:
@@ -513,7 +368,7 @@ class MITStates(_RetrievalDataset):
         sources = self._sample_sources(self._sources, n_queries, seed)
         pairs = []
         for q, s in enumerate(sources):
-            source, target, _ = self.sample_pair(_rng(seed, q, s, _TRAIN_TASK_TAG), s)
+            source, target, _ = self.sample_pair(seeded_rng(seed, q, s, _TRAIN_TASK_TAG), s)
             pairs.append((source, target))
         keys, where = self._positions([i for pair in pairs for i in pair])
         target_captions = [self.imgs[t]["captions"][0] for _, t in pairs]
@@ -700,7 +555,7 @@ class Fashion200k(_RetrievalDataset):
         self._check_index(index)
         if slot != 0:
             raise KeyError(f"Fashion200k has one slot per source, got slot {slot}")
-        return self.sample_pair(_rng(self.seed, epoch, index), index)
+        return self.sample_pair(seeded_rng(self.seed, epoch, index), index)
 
     def __getitem__(self, key: Any) -> dict | None:
         epoch, index, slot = self._parse_key(key)
@@ -726,7 +581,7 @@ class Fashion200k(_RetrievalDataset):
         if not self._index_built:
             self._build_caption_index()
         sources = self._sample_sources(self._modifiable, n_queries, seed)
-        pairs = [self.sample_pair(_rng(seed, q, s, _TRAIN_TASK_TAG), s) for q, s in enumerate(sources)]
+        pairs = [self.sample_pair(seeded_rng(seed, q, s, _TRAIN_TASK_TAG), s) for q, s in enumerate(sources)]
         keys, where = self._positions([i for pair in pairs for i in pair])
         captions = [self.imgs[t]["captions"][0] for _, t in pairs]
         return RetrievalTask(
@@ -983,7 +838,9 @@ def build_datasets(name: str, path: str, *, image_size: int = DEFAULT_IMAGE_SIZE
                   image_cache=image_cache)
     if name in ("mitstates", "synthetic"):
         if name == "synthetic":
-            generate_synthetic(path, seed=seed)
+            import synthetic
+
+            synthetic.generate_synthetic(path, seed=seed)
         return (MITStates(path, "train", exclude_source_adj=exclude_source_adj, **common),
                 MITStates(path, "test", exclude_source_adj=exclude_source_adj, **common))
     if name == "fashion200k":
@@ -992,265 +849,3 @@ def build_datasets(name: str, path: str, *, image_size: int = DEFAULT_IMAGE_SIZE
         return (FashionIQ(path, "train", category=category, **common),
                 FashionIQ(path, "val", category=category, **common))
     raise UserInputError(f"unknown dataset {name!r}: use one of {', '.join(DATASET_NAMES)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic dataset in the MIT-States layout
-# ----------------------------------------------------------------------------------------------------------------
-
-SYNTHETIC_FORMAT = "composeae-synthetic/1"
-SYNTHETIC_MANIFEST = "synthetic_manifest.json"
-# Nouns are drawn objects. Training nouns are outside the original's 49 test nouns, test nouns inside it, so that
-# MITStates puts them in the right split.
-SYNTHETIC_TRAIN_NOUNS = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "arrow",
-                         "pentagon", "heart")
-SYNTHETIC_TEST_NOUNS = ("clock", "plate", "wheel", "window", "fish", "table")
-# Adjectives are visual states: each one sets one attribute; the attributes it does not name stay neutral
-# (grey, medium size, solid), so a caption describes its image without ambiguity.
-SYNTHETIC_ADJECTIVES: dict[str, tuple[str, Any]] = {
-    "red": ("colour", (215, 45, 40)), "green": ("colour", (40, 180, 60)), "blue": ("colour", (50, 90, 235)),
-    "yellow": ("colour", (235, 215, 40)), "purple": ("colour", (150, 60, 200)),
-    "small": ("size", 0.28), "large": ("size", 0.82),
-    "striped": ("texture", "striped"), "dotted": ("texture", "dotted"), "hollow": ("texture", "hollow"),
-}
-_NEUTRAL = {"colour": (150, 150, 150), "size": 0.55, "texture": "solid"}
-_BACKGROUND = (28, 30, 36)
-
-
-def _polygon(cx: float, cy: float, r: float, n: int, angle: float, radii: Sequence[float] = (1.0,),
-             sx: float = 1.0) -> list[tuple[float, float]]:
-    """Vertices of a (possibly star-shaped) polygon: n points, radius r * radii[k % len(radii)]."""
-    pts = []
-    for k in range(n):
-        a = angle + 2 * math.pi * k / n
-        rr = r * radii[k % len(radii)]
-        pts.append((cx + sx * rr * math.cos(a), cy + rr * math.sin(a)))
-    return pts
-
-
-def _rotated(points: Sequence[tuple[float, float]], cx: float, cy: float, r: float, angle: float) -> list:
-    """Points given in units of r around (0, 0), rotated by ``angle`` and placed at (cx, cy)."""
-    c, s = math.cos(angle), math.sin(angle)
-    return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in points]
-
-
-def _draw_noun(draw: ImageDraw.ImageDraw, noun: str, cx: float, cy: float, r: float, angle: float) -> None:
-    """Draws ``noun`` as a mask (255 = object, 0 = background / cut-outs) of half-size ``r``."""
-    def ell(k: float, ky: float | None = None, fill: int = 255) -> None:
-        ky = k if ky is None else ky
-        draw.ellipse([cx - k * r, cy - ky * r, cx + k * r, cy + ky * r], fill=fill)
-
-    def poly(points: Sequence[tuple[float, float]], fill: int = 255) -> None:
-        draw.polygon(_rotated(points, cx, cy, r, angle), fill=fill)
-
-    def bar(x0: float, y0: float, x1: float, y1: float, fill: int = 255) -> None:
-        poly([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], fill)
-
-    if noun == "circle":
-        ell(1.0)
-    elif noun == "square":
-        bar(-0.8, -0.8, 0.8, 0.8)
-    elif noun == "triangle":
-        draw.polygon(_polygon(cx, cy, r, 3, angle - math.pi / 2), fill=255)
-    elif noun == "star":
-        draw.polygon(_polygon(cx, cy, r, 10, angle - math.pi / 2, (1.0, 0.42)), fill=255)
-    elif noun == "cross":
-        bar(-1.0, -0.3, 1.0, 0.3)
-        bar(-0.3, -1.0, 0.3, 1.0)
-    elif noun == "diamond":
-        draw.polygon(_polygon(cx, cy, r, 4, angle, sx=0.6), fill=255)
-    elif noun == "hexagon":
-        draw.polygon(_polygon(cx, cy, r, 6, angle), fill=255)
-    elif noun == "pentagon":
-        draw.polygon(_polygon(cx, cy, r, 5, angle - math.pi / 2), fill=255)
-    elif noun == "arrow":
-        poly([(-1.0, -0.25), (0.2, -0.25), (0.2, -0.65), (1.0, 0.0), (0.2, 0.65), (0.2, 0.25), (-1.0, 0.25)])
-    elif noun == "heart":
-        for x in (-0.45, 0.45):
-            draw.ellipse([cx + (x - 0.5) * r, cy - 0.85 * r, cx + (x + 0.5) * r, cy + 0.15 * r], fill=255)
-        draw.polygon([(cx - 0.95 * r, cy - 0.2 * r), (cx + 0.95 * r, cy - 0.2 * r), (cx, cy + r)], fill=255)
-    elif noun == "clock":
-        ell(1.0)
-        w = max(1, int(r * 0.14))
-        draw.line([(cx, cy), *_rotated([(0.0, -0.75)], cx, cy, r, angle)], fill=0, width=w)
-        draw.line([(cx, cy), *_rotated([(0.5, 0.0)], cx, cy, r, angle)], fill=0, width=w)
-    elif noun == "plate":
-        ell(1.0, 0.62)
-        ell(0.68, 0.4, fill=0)
-        ell(0.56, 0.32, fill=255)
-    elif noun == "wheel":
-        ell(1.0)
-        ell(0.78, fill=0)
-        ell(0.22)
-        w = max(1, int(r * 0.12))
-        for k in range(3):
-            a = angle + k * math.pi / 3
-            draw.line([(cx - 0.8 * r * math.cos(a), cy - 0.8 * r * math.sin(a)),
-                       (cx + 0.8 * r * math.cos(a), cy + 0.8 * r * math.sin(a))], fill=255, width=w)
-    elif noun == "window":
-        bar(-0.85, -0.85, 0.85, 0.85)
-        bar(-0.85, -0.08, 0.85, 0.08, fill=0)
-        bar(-0.08, -0.85, 0.08, 0.85, fill=0)
-    elif noun == "fish":
-        poly([(-0.55, 0.0), (-1.0, -0.5), (-1.0, 0.5)])
-        draw.ellipse([cx - 0.7 * r, cy - 0.45 * r, cx + r, cy + 0.45 * r], fill=255)
-    elif noun == "table":
-        bar(-1.0, -0.6, 1.0, -0.3)
-        bar(-0.85, -0.3, -0.65, 0.8)
-        bar(0.65, -0.3, 0.85, 0.8)
-    else:
-        raise ValueError(f"no drawing for synthetic noun {noun!r}")
-
-
-def _min_filter(a: np.ndarray, k: int) -> np.ndarray:
-    """PIL's ``ImageFilter.MinFilter(k)`` (k odd; borders replicated) as two 1-D sliding minima: the same pixels,
-    ~50x faster at k = 25 (the square filter dominated the drawing of 'hollow' images)."""
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    r = k // 2
-    padded = np.pad(a, r, mode="edge")
-    return sliding_window_view(sliding_window_view(padded, k, axis=0).min(-1), k, axis=1).min(-1)
-
-
-def render_synthetic_image(noun: str, adj: str, image_size: int, rng: np.random.Generator,
-                           noise_std: float = 6.0) -> np.ndarray:
-    """One image (S, S, 3) uint8 of ``noun`` in state ``adj``, with position/size/angle jitter and noise."""
-    attrs = dict(_NEUTRAL)
-    kind, value = SYNTHETIC_ADJECTIVES[adj]
-    attrs[kind] = value
-    s = image_size
-    big = 2 * s  # drawn at twice the size and downsampled: smooth edges
-    r = 0.5 * big * attrs["size"] * float(rng.uniform(0.9, 1.1))
-    margin = max(0.0, 0.5 * big - r)
-    cx = 0.5 * big + float(rng.uniform(-0.6, 0.6)) * margin
-    cy = 0.5 * big + float(rng.uniform(-0.6, 0.6)) * margin
-    angle = float(rng.uniform(-0.25, 0.25))
-    mask_img = Image.new("L", (big, big), 0)
-    _draw_noun(ImageDraw.Draw(mask_img), noun, cx, cy, r, angle)
-    if attrs["texture"] == "hollow":
-        k = max(3, (big // 10) | 1)
-        inner = _min_filter(np.asarray(mask_img), k)
-        mask = np.asarray(mask_img, dtype=np.float32) - inner.astype(np.float32)
-        mask_img = Image.fromarray(np.clip(mask, 0, 255).astype(np.uint8))
-    mask = np.asarray(mask_img.resize((s, s), Image.Resampling.BILINEAR), dtype=np.float32)[..., None] / 255.0
-    colour = np.asarray(attrs["colour"], dtype=np.float32) + rng.normal(0, 6, size=3).astype(np.float32)
-    fill = np.broadcast_to(colour, (s, s, 3)).copy()
-    yy, xx = np.mgrid[0:s, 0:s]
-    period = max(4, s // 8)
-    if attrs["texture"] == "striped":
-        phase = int(rng.integers(period))
-        fill[((xx + yy + phase) // (period // 2)) % 2 == 0] *= 0.35
-    elif attrs["texture"] == "dotted":
-        ox, oy = int(rng.integers(period)), int(rng.integers(period))
-        d2 = ((xx + ox) % period - period / 2) ** 2 + ((yy + oy) % period - period / 2) ** 2
-        fill[d2 <= (period * 0.28) ** 2] *= 0.3
-    background = np.asarray(_BACKGROUND, dtype=np.float32) + rng.normal(0, 4, size=3).astype(np.float32)
-    img = background * (1.0 - mask) + fill * mask
-    img = img + rng.normal(0, noise_std, size=img.shape)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
-def _synthetic_plan(seed: int, n_train_nouns: int, n_test_nouns: int,
-                    adjectives_per_noun: int) -> dict[str, list[str]]:
-    """noun -> its adjectives; test nouns use adjectives that some training noun has."""
-    if not 1 <= n_train_nouns <= len(SYNTHETIC_TRAIN_NOUNS):
-        raise UserInputError(f"synthetic: n_train_nouns must be 1..{len(SYNTHETIC_TRAIN_NOUNS)}, got {n_train_nouns}")
-    if not 1 <= n_test_nouns <= len(SYNTHETIC_TEST_NOUNS):
-        raise UserInputError(f"synthetic: n_test_nouns must be 1..{len(SYNTHETIC_TEST_NOUNS)}, got {n_test_nouns}")
-    if not 2 <= adjectives_per_noun <= len(SYNTHETIC_ADJECTIVES):
-        raise UserInputError(f"synthetic: adjectives_per_noun must be 2..{len(SYNTHETIC_ADJECTIVES)}, "
-                             f"got {adjectives_per_noun}")
-    rng = _rng(seed, _SYNTHETIC_TAG)
-    pool = list(SYNTHETIC_ADJECTIVES)
-    plan: dict[str, list[str]] = {}
-    for noun in SYNTHETIC_TRAIN_NOUNS[:n_train_nouns]:
-        plan[noun] = [pool[i] for i in sorted(rng.choice(len(pool), adjectives_per_noun, replace=False))]
-    seen = sorted({a for adjs in plan.values() for a in adjs}, key=pool.index)
-    for noun in SYNTHETIC_TEST_NOUNS[:n_test_nouns]:
-        k = min(adjectives_per_noun, len(seen))
-        plan[noun] = [seen[i] for i in sorted(rng.choice(len(seen), k, replace=False))]
-    return plan
-
-
-def _manifest_matches(path: str, manifest: dict) -> bool:
-    try:
-        with open(os.path.join(path, SYNTHETIC_MANIFEST)) as f:
-            return json.load(f) == manifest
-    except (OSError, ValueError):
-        return False
-
-
-def _write_synthetic_images(job: tuple) -> None:
-    """Images ``first..last-1`` of one class folder (a process-pool job of ``generate_synthetic``)."""
-    folder, seed, c, a, noun, adj, image_size, first, last, noise_std = job
-    os.makedirs(folder, exist_ok=True)
-    for k in range(first, last):
-        rng = _rng(seed, c, a, k, _SYNTHETIC_TAG)
-        pixels = render_synthetic_image(noun, adj, image_size, rng, noise_std)
-        Image.fromarray(pixels).save(os.path.join(folder, f"{k:03d}.jpg"), quality=92)
-
-
-def generate_synthetic(path: str, seed: int = 0, image_size: int = 64, n_train_nouns: int = 8,
-                       n_test_nouns: int = 4, adjectives_per_noun: int = 6, images_per_class: int = 10,
-                       noise_std: float = 6.0, num_workers: int = 1) -> None:
-    """Writes a small synthetic dataset in the MIT-States layout ``<path>/images/<adj noun>/*.jpg``.
-
-    Drawn objects are the nouns (training: circle, square, ...; test: names from the original's 49 test nouns,
-    clock, plate, ...), visual states the adjectives (colour, size, texture). Nothing is written when
-    ``<path>/synthetic_manifest.json`` already holds the same parameters; otherwise the data is generated into a
-    temporary folder beside ``path`` and renamed into place (a folder that is not a synthetic dataset is never
-    replaced). The same arguments give byte-identical files, with any ``num_workers`` (processes drawing the
-    images; every image has its own seed).
-    """
-    plan = _synthetic_plan(seed, n_train_nouns, n_test_nouns, adjectives_per_noun)
-    if images_per_class < 1 or image_size < 8:
-        raise UserInputError(f"synthetic: images_per_class >= 1 and image_size >= 8 needed, got "
-                             f"{images_per_class}, {image_size}")
-    manifest = {"format": SYNTHETIC_FORMAT, "seed": int(seed), "image_size": int(image_size),
-                "n_train_nouns": n_train_nouns, "n_test_nouns": n_test_nouns,
-                "adjectives_per_noun": adjectives_per_noun, "images_per_class": images_per_class,
-                "noise_std": float(noise_std), "classes": plan}
-    if _manifest_matches(path, manifest):
-        return
-    if os.path.exists(path):
-        ours = os.path.isfile(os.path.join(path, SYNTHETIC_MANIFEST))
-        if not os.path.isdir(path) or (os.listdir(path) and not ours):
-            raise UserInputError(f"{path} exists and is not a synthetic dataset: pass a new or empty folder as "
-                                 f"--dataset_path for --dataset synthetic")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-", dir=parent)
-    try:
-        chunk = 32  # images per job
-        jobs = [(os.path.join(tmp, "images", f"{adj} {noun}"), seed, c, a, noun, adj, image_size, k,
-                 min(k + chunk, images_per_class), noise_std)
-                for c, (noun, adjs) in enumerate(plan.items()) for a, adj in enumerate(adjs)
-                for k in range(0, images_per_class, chunk)]
-        if num_workers > 1 and len(jobs) > 1:
-            with concurrent.futures.ProcessPoolExecutor(min(num_workers, len(jobs))) as pool:
-                list(pool.map(_write_synthetic_images, jobs))
-        else:
-            for job in jobs:
-                _write_synthetic_images(job)
-        with open(os.path.join(tmp, SYNTHETIC_MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        if os.path.exists(path):  # an empty folder or an older synthetic dataset: move it aside, then replace
-            old = f"{tmp}.old"
-            try:
-                os.rename(path, old)
-            except OSError:
-                if _manifest_matches(path, manifest):
-                    return
-                raise
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, path)
-            except OSError:  # another process installed it first
-                if not _manifest_matches(path, manifest):
-                    raise
-        logger.info("synthetic dataset written to %s (%d classes)", path, sum(len(a) for a in plan.values()))
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)

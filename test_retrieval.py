@@ -122,6 +122,45 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
     return ranks
 
 
+def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_exclude: torch.Tensor | None = None,
+          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best gallery items of every query, as the evaluation ranks them: cosine similarity of the
+    L2-normalised features in fp32, descending, ties to the lower gallery index (a stable sort).
+
+    query_feats: (Q, D), gallery_feats: (G, D). query_exclude: (Q,) gallery position left out of that query's
+    ranking (its own source image), -1 for none. Returns ``(scores, indices)``, each (Q, min(k, G')) where G' is
+    the number of gallery items a query can get (G, less one when any query excludes one); on ``query_feats.device``.
+    """
+    if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
+        raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(query_feats.shape)} and "
+                         f"{tuple(gallery_feats.shape)}")
+    n_queries, n_gallery = query_feats.shape[0], gallery_feats.shape[0]
+    device = query_feats.device
+    drop = query_exclude is not None and bool((query_exclude >= 0).any())
+    k = max(0, min(int(k), n_gallery - int(drop)))
+    scores = torch.empty(n_queries, k, dtype=torch.float32, device=device)  # (Q, k)
+    indices = torch.empty(n_queries, k, dtype=torch.long, device=device)  # (Q, k)
+    if n_queries == 0 or k == 0:
+        return scores, indices
+    rows_per_chunk = max(1, int(max_chunk_elems) // n_gallery)
+    with torch.autocast(device_type=device.type, enabled=False), _full_fp32_matmul():
+        queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
+        gallery_t = F.normalize(gallery_feats.to(device=device, dtype=torch.float32), dim=1).t()  # (D, G)
+        exclude = None if query_exclude is None else query_exclude.to(device=device, dtype=torch.long)  # (Q,)
+        for start in range(0, n_queries, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n_queries)
+            sims = queries[start:stop] @ gallery_t  # (C, G)
+            if drop:  # the excluded item gets -inf: last in a stable sort, and k <= G - 1 leaves it out
+                excl = exclude[start:stop]  # (C,)
+                rows = torch.arange(stop - start, device=device)  # (C,)
+                cols = excl.clamp_min(0)  # (C,) -1 (none) rewrites column 0 with its own value
+                sims[rows, cols] = torch.where(excl >= 0, float("-inf"), sims[rows, cols])
+            idx = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]  # (C, k)
+            indices[start:stop] = idx
+            scores[start:stop] = sims.gather(1, idx)
+    return scores, indices
+
+
 def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
     """recall@k = mean(rank < k) over the (Q,) first-hit ranks; NaN for an empty set of queries."""
     if ranks.numel() == 0:
@@ -275,11 +314,11 @@ def _scatter_rows(buf: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     buf.index_copy_(0, dst, src.to(buf.dtype))
 
 
-def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
-             device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
-             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
-             progress: bool = True) -> OrderedDict[str, float]:
-    """Recall@k of ``model`` on ``task`` (see the module docstring for the protocol); returns ``retrieval_metrics``.
+def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
+                device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
+                desc: str = "test", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task's query features (Q, D) and gallery features (G, D), fp32 on ``device`` (not normalised), as the
+    evaluation computes them (see the module docstring for the protocol).
 
     Runs under ``torch.inference_mode()`` with the model in eval mode; every module's training flag is restored
     afterwards. Each image of ``task.image_keys`` that the gallery or a query uses is loaded once
@@ -384,7 +423,17 @@ def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch
                 query_feats = query_feats.new_zeros(n_queries, dim) if query_feats.shape[1] == 0 else query_feats
                 gallery_feats = (gallery_feats.new_zeros(len(task.gallery), dim) if gallery_feats.shape[1] == 0
                                  else gallery_feats)
-            return retrieval_metrics(task, query_feats, gallery_feats, ks=ks, max_chunk_elems=max_chunk_elems)
+            return query_feats, gallery_feats
     finally:
         for module, flag in training_flags:
             module.training = flag
+
+
+def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
+             device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
+             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
+             progress: bool = True) -> OrderedDict[str, float]:
+    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``."""
+    query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
+                                             num_workers=num_workers, amp=amp, desc=desc, progress=progress)
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=ks, max_chunk_elems=max_chunk_elems)

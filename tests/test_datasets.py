@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 import datasets
+import image_cache
+import synthetic
 from torch_functions import UserInputError
 
 S = 16  # image size used by the tests
@@ -140,26 +142,26 @@ def test_load_rgb_uint8_matches_reference_transform(tmp_path):
     import torchvision
 
     path = _jpg(tmp_path / "x.jpg", size=(30, 20), seed=3)
-    out = datasets.load_rgb_uint8(path, S)
+    out = image_cache.load_rgb_uint8(path, S)
     ref = torchvision.transforms.Compose([torchvision.transforms.Resize(S), torchvision.transforms.CenterCrop(S),
                                           torchvision.transforms.PILToTensor()])(Image.open(path).convert("RGB"))
     assert out.dtype == torch.uint8 and out.shape == (3, S, S)
     assert torch.equal(out, ref)
-    gray = datasets.load_rgb_uint8(_jpg(tmp_path / "g.jpg", mode="L"), S)
+    gray = image_cache.load_rgb_uint8(_jpg(tmp_path / "g.jpg", mode="L"), S)
     assert gray.shape == (3, S, S) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    assert datasets.load_rgb_uint8(_jpg(tmp_path / "c.jpg", mode="CMYK"), S).shape == (3, S, S)
+    assert image_cache.load_rgb_uint8(_jpg(tmp_path / "c.jpg", mode="CMYK"), S).shape == (3, S, S)
 
 
 def test_truncated_and_garbage_images_raise_bad_image_error(tmp_path):
     bad = _truncated_jpg(tmp_path / "t.jpg")
     with pytest.raises(datasets.BadImageError) as info:
-        datasets.load_rgb_uint8(bad, S)
+        image_cache.load_rgb_uint8(bad, S)
     assert info.value.path == bad and bad in str(info.value)
     (tmp_path / "g.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(datasets.BadImageError):
-        datasets.load_rgb_uint8(str(tmp_path / "g.jpg"), S)
+        image_cache.load_rgb_uint8(str(tmp_path / "g.jpg"), S)
     with pytest.raises(datasets.BadImageError):
-        datasets.load_rgb_uint8(str(tmp_path / "missing.jpg"), S)
+        image_cache.load_rgb_uint8(str(tmp_path / "missing.jpg"), S)
     from PIL import ImageFile
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
 
@@ -386,7 +388,7 @@ def test_image_cache_equals_fresh_decode(tmp_path, caplog):
     for i in range(len(fresh)):
         assert torch.equal(cached.load_image(i), fresh.load_image(i))
         if fresh.imgs[i]["file_path"] != bad:
-            assert torch.equal(cached.load_image(i), datasets.load_rgb_uint8(fresh.imgs[i]["file_path"], S))
+            assert torch.equal(cached.load_image(i), image_cache.load_rgb_uint8(fresh.imgs[i]["file_path"], S))
     for key in [(0, i, s) for i in range(len(fresh)) for s in (0, 1)]:
         a, b = fresh[key], cached[key]
         assert (a is None) == (b is None)
@@ -399,7 +401,7 @@ def test_image_cache_equals_fresh_decode(tmp_path, caplog):
     _jpg(os.path.join(root, "images", "red apple", "a0.jpg"), size=(24, 24), seed=99)  # a changed file
     changed = datasets.MITStates(root, "train", image_size=S, image_cache=cache)
     assert len(os.listdir(cache)) == 4
-    assert torch.equal(changed.load_image(3), datasets.load_rgb_uint8(changed.imgs[3]["file_path"], S))
+    assert torch.equal(changed.load_image(3), image_cache.load_rgb_uint8(changed.imgs[3]["file_path"], S))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -591,9 +593,9 @@ def _tree_digest(root) -> dict[str, str]:
 
 def test_synthetic_deterministic_and_split(tmp_path):
     a, b, c = (str(tmp_path / n) for n in "abc")
-    datasets.generate_synthetic(a, seed=0, **SMALL)
-    datasets.generate_synthetic(b, seed=0, **SMALL)
-    datasets.generate_synthetic(c, seed=1, **SMALL)
+    synthetic.generate_synthetic(a, seed=0, **SMALL)
+    synthetic.generate_synthetic(b, seed=0, **SMALL)
+    synthetic.generate_synthetic(c, seed=1, **SMALL)
     da, db, dc = _tree_digest(a), _tree_digest(b), _tree_digest(c)
     assert len(da) == 5 * 3 * 2 + 1 and da == db
     assert da != dc
@@ -601,8 +603,8 @@ def test_synthetic_deterministic_and_split(tmp_path):
     train = datasets.MITStates(a, "train", image_size=S)
     test = datasets.MITStates(a, "test", image_size=S)
     train_nouns, test_nouns = set(train.noun2adjs), set(test.noun2adjs)
-    assert train_nouns == set(datasets.SYNTHETIC_TRAIN_NOUNS[:3])
-    assert test_nouns == set(datasets.SYNTHETIC_TEST_NOUNS[:2])
+    assert train_nouns == set(synthetic.SYNTHETIC_TRAIN_NOUNS[:3])
+    assert test_nouns == set(synthetic.SYNTHETIC_TEST_NOUNS[:2])
     assert not train_nouns & set(datasets.MIT_STATES_TEST_NOUNS) and test_nouns <= set(datasets.MIT_STATES_TEST_NOUNS)
     assert all(len(adjs) == 3 for adjs in {**train.noun2adjs, **test.noun2adjs}.values())
     train_adjs = {a for adjs in train.noun2adjs.values() for a in adjs}
@@ -614,19 +616,19 @@ def test_synthetic_deterministic_and_split(tmp_path):
 
 def test_synthetic_reuse_regenerate_and_refuse(tmp_path):
     path = str(tmp_path / "syn")
-    datasets.generate_synthetic(path, seed=0, **SMALL)
-    manifest = os.path.join(path, datasets.SYNTHETIC_MANIFEST)
+    synthetic.generate_synthetic(path, seed=0, **SMALL)
+    manifest = os.path.join(path, synthetic.SYNTHETIC_MANIFEST)
     stamp = os.stat(manifest).st_mtime_ns
-    datasets.generate_synthetic(path, seed=0, **SMALL)
+    synthetic.generate_synthetic(path, seed=0, **SMALL)
     assert os.stat(manifest).st_mtime_ns == stamp  # already there: untouched
-    datasets.generate_synthetic(path, seed=0, **{**SMALL, "images_per_class": 3})  # other parameters: replaced
+    synthetic.generate_synthetic(path, seed=0, **{**SMALL, "images_per_class": 3})  # other parameters: replaced
     with open(manifest) as f:
         assert json.load(f)["images_per_class"] == 3
     assert len(os.listdir(os.path.join(path, "images", sorted(os.listdir(os.path.join(path, "images")))[0]))) == 3
     other = tmp_path / "real"
     _jpg(other / "images" / "red apple" / "a.jpg")
     with pytest.raises(UserInputError, match="not a synthetic dataset"):
-        datasets.generate_synthetic(str(other), seed=0, **SMALL)
+        synthetic.generate_synthetic(str(other), seed=0, **SMALL)
     assert os.path.exists(other / "images" / "red apple" / "a.jpg")  # never deleted
 
 

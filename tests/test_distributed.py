@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import datasets
+import synthetic
 import main
+import checkpoint
 import torch_functions as TF
 
 
@@ -40,13 +41,13 @@ def final_state(log_dir: str) -> tuple[dict, dict]:
     (ckpt,) = glob.glob(os.path.join(log_dir, "*", "latest_checkpoint.pth"))
     (metrics,) = glob.glob(os.path.join(log_dir, "*", "metrics.json"))
     with open(metrics) as f:
-        return main.read_checkpoint(ckpt), json.load(f)["latest"]
+        return checkpoint.read_checkpoint(ckpt), json.load(f)["latest"]
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("ddp_data"))
-    datasets.generate_synthetic(path, seed=1, image_size=32, n_train_nouns=3, n_test_nouns=2, adjectives_per_noun=3,
+    synthetic.generate_synthetic(path, seed=1, image_size=32, n_train_nouns=3, n_test_nouns=2, adjectives_per_noun=3,
                                 images_per_class=3)
     return path
 

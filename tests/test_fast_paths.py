@@ -1,7 +1,7 @@
 """The fast settings change speed, not results: image cache, bf16 autocast, channels_last; and benchmark.py runs.
 
 Every check goes through the code paths that main.py and benchmark.py use (build_datasets, EpochBatchSampler,
-collate_train in a DataLoader, main.create_model_and_optimizer, main.train_one_step). No timings are asserted.
+collate_train in a DataLoader, factory.create_model_and_optimizer, training.train_one_step). No timings are asserted.
 """
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ import torch
 
 import benchmark
 import datasets
+import image_cache
+import synthetic as synthetic_data
 import main
+import factory
+import training
 
 S = 32  # image side
 
@@ -23,7 +27,7 @@ S = 32  # image side
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("fast") / "synthetic")
-    datasets.generate_synthetic(path, seed=0, image_size=40, n_train_nouns=2, n_test_nouns=1,
+    synthetic_data.generate_synthetic(path, seed=0, image_size=40, n_train_nouns=2, n_test_nouns=1,
                                 adjectives_per_noun=3, images_per_class=4)
     return path
 
@@ -36,7 +40,7 @@ def make_args(path: str, *extra: str) -> argparse.Namespace:
 
 
 def loader_batches(trainset, args, n: int, workers: int) -> list[dict]:
-    """The first ``n`` training batches through the loader main.train builds (epochs 0, 1, ...)."""
+    """The first ``n`` training batches through the loader training.train builds (epochs 0, 1, ...)."""
     sampler = datasets.EpochBatchSampler(trainset, args.batch_size, args.seed)
     loader = torch.utils.data.DataLoader(trainset, batch_sampler=sampler, num_workers=workers,
                                          collate_fn=datasets.collate_train,
@@ -65,20 +69,20 @@ def test_cached_training_batches_equal_uncached(synthetic, tmp_path):
     # a cache of a different image size is a different cache, never a resized copy of this one
     other, _ = datasets.build_datasets("mitstates", synthetic, image_size=S // 2, seed=0, image_cache=cache)
     assert other[(0, 0, 0)]["source_img"].shape == (3, S // 2, S // 2) and len(os.listdir(cache)) == 8
-    assert torch.equal(cached_test.load_image(3), datasets.load_rgb_uint8(cached_test.imgs[3]["file_path"], S))
+    assert torch.equal(cached_test.load_image(3), image_cache.load_rgb_uint8(cached_test.imgs[3]["file_path"], S))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 def _step(args, model, optimizer, scheduler, batch):
     torch.manual_seed(123)  # the same dropout masks in both runs
-    terms = main.train_one_step(model, batch, optimizer, scheduler, args, torch.device("cpu"))
+    terms = training.train_one_step(model, batch, optimizer, scheduler, args, torch.device("cpu"))
     grad = model.img_model.fc[0].weight.grad.detach().clone()
     return {k: float(v) for k, v in terms.items()}, grad
 
 
 def _twin_models(args, trainset):
     torch.manual_seed(0)
-    model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
     twin = copy.deepcopy(model)  # the same weights (and, for BERT, the same frozen encoder)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=args.learning_rate, momentum=0.9)  # compared: loss, grads
     twin_sched = torch.optim.lr_scheduler.LambdaLR(twin_opt, lambda it: 1.0)
@@ -135,9 +139,9 @@ def test_channels_last_training_step_matches_contiguous(synthetic):
 def _graph_vs_plain(args, trainset, batches, warmup):
     """The same batches through train_one_step and through a CudaGraphStep, from the same weights and seeds."""
     results = []
-    for step_fn in (main.train_one_step, main.CudaGraphStep(warmup=warmup)):
+    for step_fn in (training.train_one_step, training.CudaGraphStep(warmup=warmup)):
         torch.manual_seed(0)
-        model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
+        model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
         model.loss_generator = torch.Generator().manual_seed(5)
         model.train()
         torch.manual_seed(7)  # the same dropout masks in both runs
@@ -169,7 +173,7 @@ def test_graph_step_equals_train_one_step_through_recapture_and_odd_batches(synt
         assert torch.equal(x, y), name
     for p, q in zip(plain.parameters(), graphed.parameters()):
         assert torch.equal(plain_opt.state[p]["momentum_buffer"], graph_opt.state[q]["momentum_buffer"])
-    assert not torch.equal(plain.img_model.fc[0].weight, main.create_model_and_optimizer(
+    assert not torch.equal(plain.img_model.fc[0].weight, factory.create_model_and_optimizer(
         args, trainset.get_all_texts())[0].img_model.fc[0].weight)  # it trained
 
 
@@ -181,8 +185,8 @@ def test_graph_step_static_inputs_hold_the_last_batch(synthetic, tiny_bert_32):
     batches = loader_batches(trainset, args, 4, workers=0)
     batches[1] = {k: v[:6] for k, v in batches[1].items()}  # 6 of 8 items: two unreadable images dropped
     torch.manual_seed(0)
-    model, optimizer, scheduler = main.create_model_and_optimizer(args, trainset.get_all_texts())
-    step = main.CudaGraphStep(warmup=1)
+    model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
+    step = training.CudaGraphStep(warmup=1)
     for i, b in enumerate(batches):
         step(model, b, optimizer, scheduler, args, torch.device("cpu"))
         assert step.captures == (1 if i >= 2 else 0), i
@@ -191,13 +195,13 @@ def test_graph_step_static_inputs_hold_the_last_batch(synthetic, tiny_bert_32):
     assert torch.equal(step.static["tgt"], batches[-1]["target_img"])
     assert torch.equal(step.static["text"], model.bert(batches[-1]["text"]))
     with pytest.raises(ValueError, match="warm-up"):
-        main.CudaGraphStep(warmup=0)  # SGD would create its momentum buffers inside the capture
+        training.CudaGraphStep(warmup=0)  # SGD would create its momentum buffers inside the capture
 
 
 def test_precomputed_text_features_need_a_frozen_encoder(synthetic):
     args = make_args(synthetic, "--model", "tirg", "--use_bert", "False")
     trainset, _ = datasets.build_datasets("mitstates", synthetic, image_size=S, seed=0)
-    model, _, _ = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    model, _, _ = factory.create_model_and_optimizer(args, trainset.get_all_texts())
     with pytest.raises(ValueError, match="frozen"):
         model.extract_text_feature(torch.zeros(2, 512))
 
@@ -281,16 +285,16 @@ def test_full_preset_matches_reference_test_split():
     assert test_images == benchmark.REFERENCE["eval_gallery"]
     assert test_images * (p["adjectives_per_noun"] - 1) == benchmark.REFERENCE["eval_queries"]
     assert abs(total - benchmark.REFERENCE["images"]) / benchmark.REFERENCE["images"] < 0.1
-    assert p["n_train_nouns"] <= len(datasets.SYNTHETIC_TRAIN_NOUNS)
-    assert p["n_test_nouns"] <= len(datasets.SYNTHETIC_TEST_NOUNS)
+    assert p["n_train_nouns"] <= len(synthetic_data.SYNTHETIC_TRAIN_NOUNS)
+    assert p["n_test_nouns"] <= len(synthetic_data.SYNTHETIC_TEST_NOUNS)
     assert (p["jpeg_size"], p["image_size"], p["batch_size"], p["workers"]) == (128, 224, 32, 8)
 
 
 def test_parallel_generation_is_byte_identical(tmp_path):
     params = dict(seed=3, image_size=24, n_train_nouns=2, n_test_nouns=1, adjectives_per_noun=3, images_per_class=2)
     serial, parallel = str(tmp_path / "serial"), str(tmp_path / "parallel")
-    datasets.generate_synthetic(serial, **params)
-    datasets.generate_synthetic(parallel, num_workers=2, **params)  # benchmark.py's way: 9 class jobs
+    synthetic_data.generate_synthetic(serial, **params)
+    synthetic_data.generate_synthetic(parallel, num_workers=2, **params)  # benchmark.py's way: 9 class jobs
 
     def tree(root):
         out = {}
@@ -302,9 +306,9 @@ def test_parallel_generation_is_byte_identical(tmp_path):
 
     a, b = tree(serial), tree(parallel)
     assert len(a) == 3 * 3 * 2 + 1 and a == b
-    manifest = os.path.join(parallel, datasets.SYNTHETIC_MANIFEST)
+    manifest = os.path.join(parallel, synthetic_data.SYNTHETIC_MANIFEST)
     mtime = os.path.getmtime(manifest)
-    datasets.generate_synthetic(parallel, **params)  # recognised as its own output: not rewritten
+    synthetic_data.generate_synthetic(parallel, **params)  # recognised as its own output: not rewritten
     assert os.path.getmtime(manifest) == mtime
 
 

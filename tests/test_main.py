@@ -25,8 +25,12 @@ import pytest
 import torch
 
 import datasets
+import synthetic
 import img_text_composition_models as models
 import main
+import runlog
+import checkpoint
+import factory
 import test_retrieval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +84,7 @@ def only_run_folder(log_dir) -> str:
 
 
 def load(path: str) -> dict:
-    return main.read_checkpoint(path)  # the safe (weights_only) loader: checkpoints must pass it
+    return checkpoint.read_checkpoint(path)  # the safe (weights_only) loader: checkpoints must pass it
 
 
 def events(folder: str):
@@ -125,7 +129,7 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("data") / "tiny")
-    datasets.generate_synthetic(path, seed=0, **TINY)
+    synthetic.generate_synthetic(path, seed=0, **TINY)
     return path
 
 
@@ -516,7 +520,7 @@ def test_optimizer_groups_cover_every_parameter_once(data_dir, tiny_bert_32):
         args = main.resolve_defaults(main.get_args_parser().parse_args(
             cli(data_dir, "logs") + ["--learning_rate", "0.05", "--learning_rate_decay_frequency", "3"] + extra))
         texts = datasets.MITStates(data_dir, "train", image_size=32).get_all_texts()
-        model, optimizer, scheduler = main.create_model_and_optimizer(args, texts)
+        model, optimizer, scheduler = factory.create_model_and_optimizer(args, texts)
         groups = optimizer.param_groups
         assert len(groups) == 3
         ids = [[id(p) for p in g["params"]] for g in groups]
@@ -601,7 +605,7 @@ def test_original_code_checkpoint_of_a_bert_model_evaluates(data_dir, tiny_bert_
     args = main.resolve_defaults(main.get_args_parser().parse_args(flags))
     trainset, testset = datasets.build_datasets("mitstates", data_dir, image_size=32)
     torch.manual_seed(123)
-    model, _, _ = main.create_model_and_optimizer(args, trainset.get_all_texts())
+    model, _, _ = factory.create_model_and_optimizer(args, trainset.get_all_texts())
     state = dict(model.state_dict())
     assert not any(k.startswith("text_model.") for k in state)
     # the original kept an (unused) LSTM inside its BERT models
@@ -663,7 +667,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(lstm_run, data_di
         def now(cls, tz=None):
             return cls(2024, 3, 5, 10, 20, 30)
 
-    monkeypatch.setattr(main, "datetime", FrozenDatetime)
+    monkeypatch.setattr(runlog, "datetime", FrozenDatetime)
     ckpt = os.path.join(lstm_run["folder"], "latest_checkpoint.pth")
     for _ in range(2):
         rc, _ = run_cli(lstm_ae_args(data_dir, tmp_path, 4)[:-2] + ["--test_only", "True", "--model_checkpoint", ckpt])

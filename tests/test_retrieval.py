@@ -165,6 +165,28 @@ def test_chunked_equals_one_block_and_brute_force(ties):
     assert torch.equal(got, _brute_force_ranks(queries, gallery, targets, labels, None))
 
 
+def test_top_k_ties_go_to_the_lower_index_and_the_excluded_item_is_left_out():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (2, 2)
+    gallery = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # g0 and g1 tie for query 0
+    scores, idx = R.top_k(query, gallery, 3)
+    assert idx.tolist() == [[0, 1, 3], [2, 3, 0]]
+    assert torch.allclose(scores[0], torch.tensor([1.0, 1.0, 2 ** -0.5]))
+    scores, idx = R.top_k(query, gallery, 10, _lt([0, -1]))  # query 0 excludes g0: k is capped at G - 1
+    assert idx.tolist() == [[1, 3, 2], [2, 3, 0]]
+    assert R.top_k(query, gallery[:0], 5)[1].shape == (2, 0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_k_agrees_with_first_hit_ranks(ties):
+    """The rank first_hit_ranks gives each query's first hit is that item's position in top_k's full ranking."""
+    queries, gallery, targets, labels, exclude = _random_rank_problem(3, ties)
+    ranks = R.first_hit_ranks(queries, gallery, targets[:, :1], labels[:, :1], None)[:, 0]  # (Q,)
+    _, order = R.top_k(queries, gallery, gallery.shape[0], max_chunk_elems=53)  # (Q, G)
+    for q in range(queries.shape[0]):
+        hits = (labels[order[q], 0] == targets[q, 0]).nonzero()
+        assert int(ranks[q]) == (int(hits[0]) if len(hits) else gallery.shape[0])
+
+
 def test_ranks_are_fp32_inside_an_autocast_region():
     """A caller's bf16 autocast must not reach the similarity (bf16 would merge close similarities into ties)."""
     g = torch.Generator().manual_seed(0)

@@ -1,0 +1,170 @@
+"""The one home of the wiring: the device, the process group, the model with its text encoder and the original's
+optimizer, placed on the device with the speed options. ``main.py``, ``benchmark.py`` and the tests build
+through these functions."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import torch
+
+import img_text_composition_models as models
+import text_model
+from torch_functions import UserInputError, convert_to_global_batchnorm, distributed_world
+
+logger = logging.getLogger("main")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def init_distributed(args) -> torch.device:
+    """Joins the process group that ``torchrun`` describes (WORLD_SIZE > 1), else nothing; returns the device.
+
+    nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return pick_device(args.device)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = torch.distributed.get_rank()
+    if rank != 0:  # one voice: only rank 0 logs
+        logging.getLogger().setLevel(logging.WARNING)
+    return device
+
+
+def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = None):
+    """The model and the original's SGD: ``img_model.fc`` at the learning rate, the rest of the ResNet at 0.1x,
+    everything else at 1x; momentum 0.9; the rate x0.1 every --learning_rate_decay_frequency iterations."""
+    if args.use_bert:
+        encoder = text_model.build_text_encoder("bert", bert_model=args.bert_model)
+    else:
+        encoder = text_model.build_text_encoder("lstm", texts, lstm_dim=args.lstm_dim, vocab=vocab)
+    model = models.build_model(args.model, encoder, image_embed_dim=args.image_embed_dim,
+                               image_weights=args.image_weights, triplet_grad_scale=args.triplet_grad_scale)
+    model.fuse_image_passes = args.fuse_image_passes
+    if distributed_world()[1] > 1:  # BatchNorm statistics of the global batch (before the optimizer sees the params)
+        model = convert_to_global_batchnorm(model)
+    fc = list(model.img_model.fc.parameters())
+    seen = {id(p) for p in fc}
+    body = [p for p in model.img_model.parameters() if id(p) not in seen]
+    seen |= {id(p) for p in body}
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    lr = args.learning_rate
+    groups = [{"params": fc, "lr": lr}, {"params": body, "lr": 0.1 * lr}, {"params": rest, "lr": lr}]
+    # fused=None lets PyTorch pick its fastest implementation (foreach on CUDA); the math is plain SGD either way
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
+    freq = args.learning_rate_decay_frequency
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.1 ** (it // freq))
+    return model, optimizer, scheduler
+
+
+def place_model(args, model, device: torch.device):
+    """Moves the model to ``device`` with the speed options: channels_last ResNet, torch.compile (opt-in),
+    cuDNN autotuning (also used by benchmark.py)."""
+    model.to(device)
+    if args.channels_last:
+        model.img_model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.img_model.compile()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    return model
+
+
+
+def build_datasets(args) -> tuple:
+    """``(trainset, testset)`` of ``--dataset`` under ``--dataset_path`` with the run's image settings."""
+    import datasets
+
+    return datasets.build_datasets(
+        args.dataset, args.dataset_path, image_size=args.image_size, use_complete_text_query=args.use_complete_text_query,
+        category=args.category_to_train, seed=args.seed, image_cache=args.image_cache or None,
+        exclude_source_adj=args.exclude_source_adj)
+
+
+def build_tasks(args, trainset, testset) -> dict:
+    """The fixed retrieval benchmarks, ``{split: (dataset, RetrievalTask)}``: a seeded sample of
+    ``--train_eval_queries`` training queries and the test split's queries."""
+    return {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed)),
+            "test": (testset, testset.test_task())}
+
+
+def load_weights(model, ckpt: dict, source: str) -> None:
+    """Loads ``ckpt['model_state_dict']`` into ``model`` (this project's checkpoints and the original code's)."""
+    if model.text_model is not None and ckpt.get("vocab") is None:
+        logger.warning("%s holds no vocabulary (an original-code checkpoint): the LSTM vocabulary is rebuilt from "
+                       "the training texts in sorted-listing order, but the original numbered words in its "
+                       "machine's os.listdir order, so its word embeddings may be matched to the wrong words", source)
+    models.load_model_state(model, ckpt["model_state_dict"], source)
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a training or evaluation run works on, built from the args by ``build_experiment``."""
+
+    trainset: Any
+    testset: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    tasks: dict  # {split: (dataset, RetrievalTask)}
+
+
+def build_experiment(args, device: torch.device, ckpt: dict | None = None, source: str = "") -> Experiment:
+    """Datasets, model (weights from ``ckpt`` when given), optimizer, schedule and retrieval tasks for ``args``.
+
+    Seeding, in order: ``--seed`` for the initial weights (the same on every process), ``--seed`` for the
+    soft-triplet sampler (all processes draw the same triplets of the global batch), then ``--seed + rank`` for
+    dropout (different on each process).
+    """
+    rank, _ = distributed_world()
+    torch.manual_seed(args.seed)  # identical initial weights on every process
+    trainset, testset = build_datasets(args)
+    logger.info("trainset size: %d, testset size: %d", len(trainset), len(testset))
+    model, optimizer, scheduler = create_model_and_optimizer(args, trainset.get_all_texts(),
+                                                             ckpt.get("vocab") if ckpt else None)
+    if ckpt is not None:
+        load_weights(model, ckpt, source)
+    model.loss_generator = torch.Generator(device).manual_seed(args.seed)
+    torch.manual_seed(args.seed + rank)  # dropout differs between processes
+    place_model(args, model, device)
+    return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset))
+
+
+def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,
+                          texts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any, dict]:
+    """``(model, args, ckpt)``: the model a checkpoint describes, built from the checkpoint's own settings, with
+    its weights, on ``device``, in eval mode.
+
+    Every weight comes from the checkpoint, so no ImageNet weights are fetched; BERT is loaded from the
+    checkpoint's ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of the
+    original code holds no vocabulary: ``texts`` (the training texts) rebuild it.
+    """
+    import main
+    from checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(path)
+    args = main.checkpoint_args(ckpt)
+    if bert_model:
+        args.bert_model = bert_model
+    args.image_weights = "none"  # the checkpoint holds the ResNet's weights
+    if not args.use_bert and ckpt.get("vocab") is None and not texts:
+        raise UserInputError(f"{path} is an LSTM checkpoint without a vocabulary (the original code's); pass the "
+                             f"training texts of its dataset to rebuild it")
+    model, _, _ = create_model_and_optimizer(args, texts, ckpt.get("vocab"))
+    load_weights(model, ckpt, path)
+    model.to(device).eval()
+    return model, args, ckpt
