@@ -85,21 +85,58 @@ def place_model(args, model, device: torch.device):
 
 
 
-def build_datasets(args) -> tuple:
-    """``(trainset, testset)`` of ``--dataset`` under ``--dataset_path`` with the run's image settings."""
+def build_splits(args) -> dict:
+    """``{'train', 'test'[, 'val']}`` datasets of ``--dataset`` under ``--dataset_path`` with the run's image
+    settings (a 'val' split with ``--select_on val``, see ``datasets.build_splits``)."""
     import datasets
 
-    return datasets.build_datasets(
+    return datasets.build_splits(
         args.dataset, args.dataset_path, image_size=args.image_size, use_complete_text_query=args.use_complete_text_query,
         category=args.category_to_train, seed=args.seed, image_cache=args.image_cache or None,
-        exclude_source_adj=args.exclude_source_adj)
+        exclude_source_adj=args.exclude_source_adj, fashioniq_protocol=getattr(args, "fashioniq_protocol", "composeae"),
+        select_on=getattr(args, "select_on", "test"), val_nouns=getattr(args, "val_nouns", 0))
 
 
-def build_tasks(args, trainset, testset) -> dict:
+def build_datasets(args) -> tuple:
+    """``(trainset, testset)`` of ``--dataset`` under ``--dataset_path`` with the run's image settings."""
+    splits = build_splits(args)
+    return splits["train"], splits["test"]
+
+
+def cirr_test1(args):
+    """CIRR's test1 split with the run's image settings (no public targets: for the server's files)."""
+    import datasets
+
+    return datasets.CIRR(args.dataset_path, "test1", image_size=args.image_size, seed=args.seed,
+                         image_cache=args.image_cache or None)
+
+
+def build_tasks(args, trainset, testset, valset=None) -> dict:
     """The fixed retrieval benchmarks, ``{split: (dataset, RetrievalTask)}``: a seeded sample of
-    ``--train_eval_queries`` training queries and the test split's queries."""
-    return {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed)),
-            "test": (testset, testset.test_task())}
+    ``--train_eval_queries`` training queries, the validation split's queries (``--select_on val``) and the test
+    split's queries (left out where the test split has no public targets: CIRR's test1, scored by its server)."""
+    tasks = {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed))}
+    if valset is not None:
+        tasks["val"] = (valset, valset.test_task())
+    if getattr(testset, "labelled", True):
+        tasks["test"] = (testset, testset.test_task())
+    return tasks
+
+
+COMPLETE_QUERY_TEXT = "complete (holds the target label)"
+
+
+def run_info(args) -> dict:
+    """What metrics.json records beside the numbers, to say what they are comparable with; warns (once, at the
+    start) when the query text holds the target's label."""
+    info = {"dataset": args.dataset, "select_on": getattr(args, "select_on", "test")}
+    if args.dataset == "fashionIQ":
+        info["fashioniq_protocol"] = getattr(args, "fashioniq_protocol", "composeae")
+    if args.use_complete_text_query and args.dataset in ("mitstates", "fashion200k"):
+        logger.warning("--use_complete_text_query True: the query text holds the target's label (on %s the whole "
+                       "target caption), so these recalls are not comparable with TIRG's protocol", args.dataset)
+        info["query_text"] = COMPLETE_QUERY_TEXT
+    return info
 
 
 def load_weights(model, ckpt: dict, source: str) -> None:
@@ -121,6 +158,7 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     tasks: dict  # {split: (dataset, RetrievalTask)}
+    valset: Any = None  # --select_on val: the split that picks best_checkpoint.pth
 
 
 def build_experiment(args, device: torch.device, ckpt: dict | None = None, source: str = "") -> Experiment:
@@ -132,8 +170,10 @@ def build_experiment(args, device: torch.device, ckpt: dict | None = None, sourc
     """
     rank, _ = distributed_world()
     torch.manual_seed(args.seed)  # identical initial weights on every process
-    trainset, testset = build_datasets(args)
-    logger.info("trainset size: %d, testset size: %d", len(trainset), len(testset))
+    splits = build_splits(args)
+    trainset, testset, valset = splits["train"], splits["test"], splits.get("val")
+    logger.info("trainset size: %d, testset size: %d%s", len(trainset), len(testset),
+                f", valset size: {len(valset)}" if valset is not None else "")
     model, optimizer, scheduler = create_model_and_optimizer(args, trainset.get_all_texts(),
                                                              ckpt.get("vocab") if ckpt else None)
     if ckpt is not None:
@@ -141,7 +181,8 @@ def build_experiment(args, device: torch.device, ckpt: dict | None = None, sourc
     model.loss_generator = torch.Generator(device).manual_seed(args.seed)
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
     place_model(args, model, device)
-    return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset))
+    return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset, valset),
+                      valset)
 
 
 def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,

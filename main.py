@@ -23,10 +23,11 @@ import torch
 
 import img_text_composition_models as models
 from checkpoint import read_checkpoint, set_rng_state
-from factory import build_experiment, init_distributed
+from datasets import DATASET_NAMES, FASHION_IQ_PROTOCOLS, SELECT_ON
+from factory import build_experiment, init_distributed, run_info
 from runlog import Run, run_folder
 from torch_functions import LOSS_NAMES, UserInputError, distributed_world
-from training import TrainingDiverged, evaluate_all, train
+from training import TrainingDiverged, evaluate_all, evaluate_best_on_test, train
 
 logger = logging.getLogger("main")
 
@@ -81,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # -- the original's flags
     p.add_argument("-f", type=str, default="", help="ignored (lets the original run inside Jupyter)")
     p.add_argument("--comment", type=str, default="", help="suffix of the run folder name")
-    p.add_argument("--dataset", type=str, default="synthetic", choices=["mitstates", "fashion200k", "fashionIQ", "synthetic"],
+    p.add_argument("--dataset", type=str, default="synthetic", choices=list(DATASET_NAMES),
                    help="dataset, in its published layout under --dataset_path")
     p.add_argument("--dataset_path", type=str, default=None, help="dataset folder" + syn.format("data/synthetic"))
     p.add_argument("--model", type=str, default="composeAE", choices=list(models.MODELS), help="composition model")
@@ -148,6 +149,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda_graph", type=str2bool, default=False,
                    help="capture the training step (forward, backward, SGD update) as a CUDA graph and replay it "
                         "(one process, CUDA, frozen BERT text encoder; recaptured when the learning rate changes)")
+    # -- benchmarks of later work and checkpoint selection (CSS3D, CIRR, Fashion IQ protocols)
+    b = p.add_argument_group("later benchmarks and selection")
+    b.add_argument("--fashioniq_protocol", type=str, default="composeae", choices=list(FASHION_IQ_PROTOCOLS),
+                   help="composeae = the original's (one gallery over the categories, recall@1..100); standard = "
+                        "CLIP4Cir's (per-category galleries, R@10 / R@50 and their mean)")
+    b.add_argument("--select_on", type=str, default="test", choices=list(SELECT_ON),
+                   help="split that picks best_checkpoint.pth: test = the original codes' selection on the test "
+                        "split; val = a validation split, with the test split evaluated once for the best checkpoint")
+    b.add_argument("--val_nouns", type=int, default=0,
+                   help="MIT-States with --select_on val: N training nouns held out (seeded) as the validation split")
+    b.add_argument("--submission_dir", type=str, default="",
+                   help="CIRR: write the test1 prediction files of the CIRR server here (with --test_only True, or "
+                        "after training with --select_on val)")
     return p
 
 
@@ -171,6 +185,17 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                              "batch's text lengths, so its step cannot be captured; drop --cuda_graph for the LSTM")
     if args.cuda_graph and args.compile:
         raise UserInputError("--cuda_graph True and --compile True cannot be combined; pick one")
+    if args.submission_dir:
+        if args.dataset != "cirr":
+            raise UserInputError(f"--submission_dir writes CIRR test1 predictions; --dataset is {args.dataset}")
+        if not args.test_only and args.select_on != "val":
+            raise UserInputError("--submission_dir writes the test1 predictions of --test_only True, or of the best "
+                                 "checkpoint after training with --select_on val; pass one of them")
+    elif args.dataset == "cirr" and args.select_on == "val" and not args.test_only:
+        raise UserInputError("--select_on val on CIRR makes test1 the test split, which only the CIRR server scores: "
+                             "pass --submission_dir DIR for its prediction files")
+    if args.val_nouns < 0:
+        raise UserInputError(f"--val_nouns must be >= 0, got {args.val_nouns}")
     return args
 
 
@@ -210,6 +235,7 @@ def run_main(args: argparse.Namespace) -> int:
         raise UserInputError(f"--cuda_graph True needs one process on a CUDA device (here: {device.type}, "
                              f"{world} process{'es' if world > 1 else ''}); drop --cuda_graph")
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    info = run_info(args)  # warns now when the numbers are not comparable with the papers' protocol
     source = args.model_checkpoint if args.test_only else args.resume
     ckpt = read_checkpoint(source) if source else None
     exp = build_experiment(args, device, ckpt, source)
@@ -221,10 +247,16 @@ def run_main(args: argparse.Namespace) -> int:
         torch.distributed.broadcast_object_list(names, src=0)
         folder = names[0]
     run = Run(args, folder, enabled=rank == 0)
+    run.info.update(info)
     logger.info("log files saved to %s", folder)
     if args.test_only:
         metrics = evaluate_all(args, model, tasks, device)
         run.metrics(metrics, int(ckpt.get("it", 0)))
+        if args.submission_dir:
+            import cirr_submission
+            from factory import cirr_test1
+
+            cirr_submission.write_test1_submission(args, model, cirr_test1(args), device)
         run.close(metrics)
         return 0
     start = None
@@ -248,6 +280,8 @@ def run_main(args: argparse.Namespace) -> int:
             model, device_ids=[device.index] if device.type == "cuda" else None)
     try:
         metrics = train(args, model, optimizer, scheduler, exp.trainset, tasks, run, device, start, step_model)
+        if args.select_on == "val":
+            metrics = evaluate_best_on_test(args, model, tasks, exp.testset, run, device)
     finally:
         if run.enabled:
             run.writer.flush()

@@ -39,6 +39,7 @@ class Run:
     def __init__(self, args, folder: str, enabled: bool = True):
         self.args, self.folder, self.enabled = args, folder, enabled
         self.history: list[dict] = []
+        self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -62,7 +63,8 @@ class Run:
         self.scalars(metrics, it)
         self.history.append({"it": it, **metrics})
         if self.enabled:
-            write_json(os.path.join(self.folder, "metrics.json"), {"latest": self.history[-1], "history": self.history})
+            write_json(os.path.join(self.folder, "metrics.json"),
+                       {**self.info, "latest": self.history[-1], "history": self.history})
 
     def save(self, name: str, state_fn) -> None:
         """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn)."""

@@ -198,16 +198,55 @@ def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
     return out
 
 
-def best_score(metrics: dict[str, float], name: str) -> float:
+def best_score(metrics: dict[str, float], name: str, split: str = "test") -> float:
+    """The score of ``split``'s metrics that picks best_checkpoint.pth (``--best_metric`` on ``--select_on``)."""
+    prefix = f"{split} "
     if name != "auto":
-        if f"test {name}" not in metrics:
-            raise UserInputError(f"--best_metric {name}: no such test metric; use one of "
-                                 f"{', '.join(k[5:] for k in metrics if k.startswith('test '))}")
-        return metrics[f"test {name}"]
-    if "test recall_top1_correct_composition" in metrics:
-        return metrics["test recall_top1_correct_composition"]
-    r10 = [v for k, v in metrics.items() if k.startswith("test recall_top10_correct_")]
+        if prefix + name not in metrics:
+            raise UserInputError(f"--best_metric {name}: no such {split} metric; use one of "
+                                 f"{', '.join(k[len(prefix):] for k in metrics if k.startswith(prefix))}")
+        return metrics[prefix + name]
+    if prefix + "recall_top1_correct_composition" in metrics:
+        return metrics[prefix + "recall_top1_correct_composition"]
+    r10 = [v for k, v in metrics.items() if k.startswith(prefix + "recall_top10_correct_")]
     return sum(r10) / len(r10)
+
+
+def selection_tasks(args, tasks: dict) -> dict:
+    """The tasks evaluated during training: all of them, but without 'test' when ``--select_on val`` (the test
+    split is then evaluated once, for the best checkpoint, by ``evaluate_best_on_test``)."""
+    if getattr(args, "select_on", "test") == "val":
+        return {split: t for split, t in tasks.items() if split != "test"}
+    return tasks
+
+
+def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -> dict[str, float]:
+    """``--select_on val``: loads best_checkpoint.pth (picked on the validation split) into ``model`` and evaluates
+    the test split once; returns ``'test <metric>'`` values, recorded in metrics.json with the best iteration.
+    Where the test split has no public targets (CIRR's test1) it writes the server's files (``--submission_dir``)
+    instead and returns nothing."""
+    import factory
+    from checkpoint import read_checkpoint
+
+    path = os.path.join(run.folder, "best_checkpoint.pth")
+    if distributed_world()[1] > 1:
+        torch.distributed.barrier()  # rank 0 wrote it
+    if not os.path.exists(path):
+        raise UserInputError(f"--select_on val: {path} was never written (no validation score was finite)")
+    ckpt = read_checkpoint(path)
+    factory.load_weights(model, ckpt, path)
+    best_it = int(ckpt["it"])
+    if distributed_world()[0] == 0:
+        print(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}", flush=True)
+    if "test" not in tasks:
+        import cirr_submission
+
+        cirr_submission.write_test1_submission(args, model, testset, device)
+        return {}
+    metrics = evaluate_all(args, model, {"test": tasks["test"]}, device)
+    run.info["best_it"] = best_it  # the iteration these test numbers come from
+    run.metrics(metrics, best_it)
+    return metrics
 
 
 def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, start: dict | None,
@@ -273,10 +312,10 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                     return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
 
                 if eval_due(it) or it == args.num_iters:
-                    metrics = evaluate_all(args, model, tasks, device)
+                    metrics = evaluate_all(args, model, selection_tasks(args, tasks), device)
                     model.train()
                     run.metrics(metrics, it)
-                    score = best_score(metrics, args.best_metric)
+                    score = best_score(metrics, args.best_metric, getattr(args, "select_on", "test"))
                     if score > best:
                         best = score
                         run.save("best_checkpoint.pth", state)
