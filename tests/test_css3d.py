@@ -196,6 +196,17 @@ def test_2d_rendering_without_images_and_files_with_them(css, tmp_path):
     assert not with_files.rendered and with_files.load_image(2)[:, 5, 5].tolist() == [120, 7, 200]
 
 
+def test_css3d_trains_the_resnet_body_at_the_full_rate_as_tirg(css):
+    import factory
+
+    for dataset, body_scale in (("css3d", 1.0), ("mitstates", 0.1)):
+        args = main.resolve_defaults(main.get_args_parser().parse_args(
+            ["--dataset", dataset, "--dataset_path", css, "--image_weights", "none", "--model", "tirg",
+             "--lstm_dim", "16"]))
+        _, optimizer, _ = factory.create_model_and_optimizer(args, ["make it blue"])
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01 * body_scale, 0.01])
+
+
 def test_missing_file_is_one_line(tmp_path):
     with pytest.raises(UserInputError, match=re.escape(datasets.CSS3D_FILE) + " is missing"):
         datasets.CSS3D(str(tmp_path), "train")
