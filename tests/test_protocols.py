@@ -3,6 +3,7 @@ members; the standard Fashion IQ protocol beside ComposeAE's), the comparability
 and --select_on val (picks on validation, evaluates test once)."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
@@ -225,3 +226,33 @@ def test_cli_select_on_val_picks_on_val_and_tests_once(mit, tmp_path, caplog):
     assert f"best_checkpoint.pth: iteration {best_it}, selected on val" in out
     (folder,) = os.listdir(tmp_path)
     assert torch.load(os.path.join(tmp_path, folder, "best_checkpoint.pth"), weights_only=False)["it"] == best_it
+
+
+def test_best_score_reads_the_selection_split():
+    import training
+    from torch_functions import UserInputError
+
+    metrics = {"train recall_top1_correct_composition": 0.9, "val recall_top1_correct_composition": 0.2,
+               "test recall_top1_correct_composition": 0.7, "val recall_top5_correct_composition": 0.4}
+    assert training.best_score(metrics, "auto", "val") == 0.2
+    assert training.best_score(metrics, "auto") == 0.7  # the original's selection on test
+    assert training.best_score(metrics, "recall_top5_correct_composition", "val") == 0.4
+    with pytest.raises(UserInputError, match="no such val metric"):
+        training.best_score(metrics, "recall_top5_correct_adj", "val")
+    tasks = {"train": 1, "val": 2, "test": 3}
+    assert list(training.selection_tasks(argparse.Namespace(select_on="val"), tasks)) == ["train", "val"]
+    assert list(training.selection_tasks(argparse.Namespace(select_on="test"), tasks)) == ["train", "val", "test"]
+
+
+def test_run_info_records_the_complete_text_query_on_the_tirg_datasets(caplog):
+    import factory
+
+    def info(dataset, complete):
+        return factory.run_info(argparse.Namespace(dataset=dataset, use_complete_text_query=complete,
+                                                   select_on="test", fashioniq_protocol="composeae"))
+
+    with caplog.at_level(logging.WARNING):
+        assert info("fashion200k", True)["query_text"] == "complete (holds the target label)"
+    assert len([r for r in caplog.records if "not comparable" in r.getMessage()]) == 1
+    assert "query_text" not in info("fashion200k", False) and "query_text" not in info("fashionIQ", True)
+    assert info("fashionIQ", False)["fashioniq_protocol"] == "composeae"
