@@ -869,7 +869,7 @@ class CSS3D(_RetrievalDataset):
         # (mod, pair) entries whose source has a second mod: TIRG's slot 1 needs one (its loop never ended
         # otherwise); slot 0 is drawn as TIRG's, conditioned on that
         self._two_mod_sources = np.array([len({m for m, _ in p}) >= 2 for p in self.pairs_of], dtype=bool)
-        if split == "train" and self.mods and not self._two_mod_sources.any():
+        if split == "train" and not self._two_mod_sources.any():
             raise UserInputError(f"{scene_file}: no training image is the source of two different mods; TIRG's "
                                  f"pairs need one")
         images_dir = os.path.join(path, "images")
