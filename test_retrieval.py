@@ -431,9 +431,16 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
 
 def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
              device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
-             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
+             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] | None = None, desc: str = "test",
              progress: bool = True) -> OrderedDict[str, float]:
-    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``."""
+    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``; ``ks``
+    default: ``task_ks(task)``."""
     query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
                                              num_workers=num_workers, amp=amp, desc=desc, progress=progress)
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=ks, max_chunk_elems=max_chunk_elems)
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
+                             max_chunk_elems=max_chunk_elems)
+
+
+def task_ks(task: RetrievalTask) -> tuple[int, ...]:
+    """The task's recall cut-offs: ``task.ks``, or the reference's ``DEFAULT_KS``."""
+    return tuple(task.ks) if task.ks else DEFAULT_KS
