@@ -32,7 +32,7 @@ from torch_functions import UserInputError
 logger = logging.getLogger("retrieve")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-INDEX_FORMAT = "composeae-retrieve-index/1"
+INDEX_FORMAT = "composeae-retrieve-index/1"  # see save_index
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,8 +188,8 @@ def load_index(path: str, identity: dict) -> dict | None:
     """The index at ``path`` if it was built with ``identity``; None (after a one-line notice) otherwise."""
     if not path or not os.path.exists(path):
         return None
-    try:
-        index = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: the features are read as the ranking touches them
+        index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         ok = isinstance(index, dict) and index.get("format") == INDEX_FORMAT
     except Exception:  # a torn or foreign file: rebuilt
         ok = False
@@ -201,7 +201,21 @@ def load_index(path: str, identity: dict) -> dict | None:
         changed = [k for k in identity if old.get(k) != identity[k]]
         print(f"retrieve.py: {path} was built with another {', '.join(changed)}; rebuilding it", file=sys.stderr)
         return None
+    index["files"] = index["files"].split("\0") if index["files"] else []
+    index["sizes"], index["mtimes"] = index["sizes"].tolist(), index["mtimes"].tolist()
     return index
+
+
+def save_index(path: str, identity: dict, files: Sequence[tuple[str, int, int]], feats: torch.Tensor) -> None:
+    """Writes the index atomically: the identity, the files (relative paths joined by NUL, which no file name
+    holds), their sizes and mtimes (int64) and their L2-normalised features (G, D) fp32."""
+    from checkpoint import atomic_write
+
+    state = {"format": INDEX_FORMAT, "identity": identity, "files": "\0".join(f[0] for f in files),
+             "sizes": torch.tensor([f[1] for f in files], dtype=torch.int64),
+             "mtimes": torch.tensor([f[2] for f in files], dtype=torch.int64), "features": feats.contiguous()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 class _ImageFiles:
@@ -224,8 +238,9 @@ class _ImageFiles:
 
 def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequence[dict], *, batch_size: int,
            device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
-    """Gallery features (N, D), query features (Q, D) and the unreadable gallery files, computed by the
-    evaluation's ``encode_task`` (one pass over the images, queries composed in batches)."""
+    """Gallery features (N, D) L2-normalised (``test_retrieval.normalize_rows``), query features (Q, D) and the
+    unreadable gallery files, computed by the evaluation's ``encode_task`` (one pass over the images, queries
+    composed in batches)."""
     import test_retrieval
     from datasets import RetrievalTask
 
@@ -244,12 +259,12 @@ def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequen
     finally:
         if manager is not None:
             manager.shutdown()
-    return gallery_feats.cpu(), query_feats.cpu(), bad
+    return test_retrieval.normalize_rows(gallery_feats).cpu(), query_feats.cpu(), bad
 
 
 def gallery_features(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
                      queries: list[dict], device: torch.device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``(relative paths (G,), gallery features (G, D), query features (Q, D))`` of the gallery ``files``
+    """``(relative paths (G,), normalised gallery features (G, D), query features (Q, D))`` of the gallery ``files``
     (``scan_gallery``); the index reused and updated when ``--index`` is given."""
     index = load_index(args.index, identity)
     known = {}
@@ -276,13 +291,7 @@ def gallery_features(args, model, image_size: int, identity: dict, files: list[t
         if pos:
             feats[torch.tensor(pos)] = source[torch.tensor([rows_of[kept[i]] for i in pos])].float()
     if args.index and (index is None or todo or len(kept) != len(index["files"])):
-        state = {"format": INDEX_FORMAT, "identity": identity, "files": [f[0] for f in kept],
-                 "sizes": [f[1] for f in kept], "mtimes": [f[2] for f in kept], "features": feats.contiguous()}
-        from checkpoint import atomic_write
-
-        folder = os.path.dirname(os.path.abspath(args.index))
-        os.makedirs(folder, exist_ok=True)
-        atomic_write(args.index, lambda f: torch.save(state, f))
+        save_index(args.index, identity, kept, feats)
         logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), len(todo) - len(bad))
     return [f[0] for f in kept], feats, query_feats
 
@@ -301,8 +310,9 @@ def gallery_position(path: str, gallery: str, where: dict[str, int]) -> int:
 
 def rank(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
          exclude: torch.Tensor) -> list[list[tuple[int, float]]]:
-    """``[(gallery position, score)] * min(k, ...)`` per query, as the evaluation ranks: ``test_retrieval.top_k``,
-    the excluded position (the query's own image, -1 for none) left out."""
+    """``[(gallery position, score)] * min(k, ...)`` per query, as the evaluation ranks: ``test_retrieval.top_k``
+    on the normalised gallery (G, D) of ``encode``, the excluded position (the query's own image, -1 for none)
+    left out."""
     import test_retrieval
 
     out: list[list[tuple[int, float]]] = [[] for _ in range(len(exclude))]
@@ -311,7 +321,7 @@ def rank(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
         if members.numel() == 0:
             continue
         scores, indices = test_retrieval.top_k(query_feats[members], gallery_feats, k,
-                                               exclude[members] if has else None)
+                                               exclude[members] if has else None, gallery_normalized=True)
         for i, q in enumerate(members.tolist()):
             out[q] = list(zip(indices[i].tolist(), scores[i].tolist()))
     return out

@@ -89,6 +89,11 @@ def test_every_test_query_ranks_as_the_evaluation(triplets_run, gallery, tmp_pat
     assert lines[2].split()[0] == "1" and lines[2].split()[2:4] == results[0]["results"][0]["path"].split()
 
 
+def read_index(path: str) -> dict:
+    index = torch.load(path, weights_only=True)  # plain tensors, strings and ints: the safe loader reads it
+    return {**index, "files": index["files"].split("\0")}
+
+
 def perturbed_copy(ckpt: str, path: str) -> str:
     state = read_checkpoint(ckpt)
     key = next(k for k, v in state["model_state_dict"].items() if v.is_floating_point())
@@ -120,8 +125,9 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
 
     first, _ = ask()
     assert len(encoded[-1]) == 18 and os.path.isfile(index)
-    saved = torch.load(index, weights_only=True)
+    saved = read_index(index)
     assert saved["files"] == sorted(saved["files"]) and len(saved["files"]) == 18
+    assert saved["sizes"].tolist() == [os.path.getsize(os.path.join(folder, f)) for f in saved["files"]]
     assert tuple(saved["features"].shape)[0] == 18
     again, err = ask()
     assert encoded[-1] == [] and again == first and err == ""  # reused: nothing encoded
@@ -134,14 +140,14 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     os.remove(os.path.join(folder, removed))
     updated, _ = ask()
     assert encoded[-1] == sorted([changed, "images/added.jpg"])
-    saved = torch.load(index, weights_only=True)
+    saved = read_index(index)
     assert removed not in saved["files"] and "images/added.jpg" in saved["files"] and len(saved["files"]) == 18
     assert removed not in [r["path"] for r in updated]
     os.remove(index)
     fresh, _ = ask()  # everything encoded anew gives the same ranking and scores
     assert [r["path"] for r in fresh] == [r["path"] for r in updated]
     assert [r["score"] for r in fresh] == pytest.approx([r["score"] for r in updated], abs=1e-5)
-    new = torch.load(index, weights_only=True)
+    new = read_index(index)
     assert torch.allclose(new["features"], saved["features"], atol=1e-5)
 
     # another checkpoint: a one-line notice, then everything is encoded again
@@ -150,7 +156,7 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     assert len(encoded[-1]) == 18
     notice = [line for line in err.splitlines() if line.strip()]
     assert len(notice) == 1 and "was built with another checkpoint_sha256; rebuilding it" in notice[0], err
-    assert torch.load(index, weights_only=True)["identity"]["checkpoint_sha256"] == retrieve.file_sha256(other)
+    assert read_index(index)["identity"]["checkpoint_sha256"] == retrieve.file_sha256(other)
 
 
 def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_path):
@@ -247,3 +253,33 @@ def test_bad_flag_one_line_exit_2(capsys):
     assert retrieve.main(["--gallery", "x", "--top_k", "many"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("retrieve.py: error: ")
+
+
+def test_top_k_on_a_normalised_gallery_is_the_same_ranking():
+    import test_retrieval
+
+    gen = torch.Generator().manual_seed(0)
+    gallery = torch.randn(40, 6, generator=gen) * torch.rand(40, 1, generator=gen) * 5
+    gallery[7] = gallery[3] * 2  # a tie: the lower position first
+    queries = torch.randn(5, 6, generator=gen)
+    queries[0] = gallery[3]
+    exclude = torch.tensor([-1, 2, -1, 0, 39])
+    for ex in (None, exclude):
+        plain = test_retrieval.top_k(queries, gallery, 12, ex)
+        stored = test_retrieval.top_k(queries, test_retrieval.normalize_rows(gallery), 12, ex, gallery_normalized=True)
+        assert torch.equal(plain[0], stored[0]) and torch.equal(plain[1], stored[1])
+    assert plain[1][0, :2].tolist() == [3, 7]
+    # retrieve.rank: a query without an excluded image keeps all k results
+    ranked = retrieve.rank(queries, test_retrieval.normalize_rows(gallery), 40, exclude)
+    assert [len(r) for r in ranked] == [40, 39, 40, 39, 39]
+    assert 2 not in [g for g, _ in ranked[1]] and 39 not in [g for g, _ in ranked[4]]
+
+
+def test_benchmark_retrieve_mode_runs(tmp_path, capsys):
+    import benchmark
+
+    assert benchmark.main(["--mode", "retrieve", "--device", "cpu", "--text", "lstm", "--image_size", "32", "--model", "tirg",
+                           "--gallery_size", "300", "--repeats", "1", "--data_dir", str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["gallery_size"] == 300 and result["settings"]["image_size"] == 32
+    assert 0 < result["median_rank_s"] < result["median_query_s"]
