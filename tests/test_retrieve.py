@@ -159,6 +159,21 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     assert read_index(index)["identity"]["checkpoint_sha256"] == retrieve.file_sha256(other)
 
 
+def test_original_code_lstm_checkpoint_needs_its_training_texts(triplets_run, triplets_data, gallery, tmp_path):
+    state = read_checkpoint(triplets_run["ckpt"])
+    original = {"it": state["it"], "opt": state["opt"], "model_state_dict": state["model_state_dict"]}
+    path = str(tmp_path / "original.pth")
+    save_checkpoint(path, original)  # the original code's keys only: no vocabulary, no args dict
+    query = ["--gallery", gallery, "--device", "cpu", "--image", os.path.join(gallery, "images/blue clock/000.jpg"),
+             "--text", "green", "--top_k", "5"]
+    rc, out, err = call("--model_checkpoint", path, *query)
+    assert rc == 2 and err.startswith("retrieve.py: error: ") and "without a vocabulary" in err
+    rc, rebuilt, err = call("--model_checkpoint", path, "--dataset_path", triplets_data, *query)
+    assert rc == 0, err
+    rc, ours, _ = call("--model_checkpoint", triplets_run["ckpt"], *query)
+    assert rebuilt == ours  # the vocabulary rebuilt from the training texts is the saved one
+
+
 def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_path):
     folder = str(tmp_path / "g")
     shutil.copytree(gallery, folder)
@@ -278,8 +293,9 @@ def test_top_k_on_a_normalised_gallery_is_the_same_ranking():
 def test_benchmark_retrieve_mode_runs(tmp_path, capsys):
     import benchmark
 
-    assert benchmark.main(["--mode", "retrieve", "--device", "cpu", "--text", "lstm", "--image_size", "32", "--model", "tirg",
-                           "--gallery_size", "300", "--repeats", "1", "--data_dir", str(tmp_path)]) == 0
+    assert benchmark.main(["--mode", "retrieve", "--device", "cpu", "--text", "lstm", "--image_size", "32",
+                           "--model", "tirg", "--gallery_size", "300", "--repeats", "1",
+                           "--data_dir", str(tmp_path)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["gallery_size"] == 300 and result["settings"]["image_size"] == 32
     assert 0 < result["median_rank_s"] < result["median_query_s"]
