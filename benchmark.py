@@ -5,6 +5,7 @@
     python benchmark.py --size full --device cuda --amp --channels_last --image_cache auto --workers 8
     python benchmark.py --size full --model tirg --text lstm --amp --channels_last --image_cache auto
     python benchmark.py --size cpu --profile /tmp/prof                # + torch.profiler trace and top-ops table
+    python benchmark.py --mode retrieve --device cpu --threads 1       # one retrieve.py query, 100,000-row index
 
 Prints ONE JSON object on stdout (everything else goes to stderr): steady-state training samples/s (after warm-up
 iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/s (one full

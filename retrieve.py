@@ -293,9 +293,10 @@ def gallery_features(args, model, image_size: int, identity: dict, files: list[t
         pos = [i for i, f in enumerate(kept) if f in rows_of]
         if pos:
             feats[torch.tensor(pos)] = source[torch.tensor([rows_of[kept[i]] for i in pos])].float()
-    if args.index and (index is None or todo or len(kept) != len(index["files"])):
+    encoded_now = len(todo) - len(bad)  # unreadable files are not stored: they are tried again next time
+    if args.index and (index is None or encoded_now or len(kept) != len(index["files"])):
         save_index(args.index, identity, kept, feats)
-        logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), len(todo) - len(bad))
+        logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), encoded_now)
     return [f[0] for f in kept], feats, query_feats
 
 

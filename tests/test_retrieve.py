@@ -182,14 +182,18 @@ def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_
     Image.new("RGB", (10, 10), (255, 0, 0)).save(os.path.join(folder, "images/extra.WebP"))
     with open(os.path.join(folder, "notes.txt"), "w") as f:
         f.write("ignored")
-    png = str(tmp_path / "grid.png")
+    png, index = str(tmp_path / "grid.png"), str(tmp_path / "index.pt")
     image = os.path.join(folder, "images/blue clock/000.jpg")
-    rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
-                        "--image", image, "--text", "green", "--top_k", "5", "--out", png, "--thumb", "32",
-                        "--json", str(tmp_path / "r.jsonl"))
-    assert rc == 0, err
-    warning = [line for line in err.splitlines() if line.strip()]
-    assert warning == ["retrieve.py: warning: skipped 1 unreadable gallery file: images/broken.JPG"]
+    for repeat in range(2):
+        rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
+                            "--image", image, "--text", "green", "--top_k", "5", "--out", png, "--thumb", "32",
+                            "--json", str(tmp_path / "r.jsonl"), "--index", index)
+        assert rc == 0, err
+        warning = [line for line in err.splitlines() if line.strip()]
+        assert warning == ["retrieve.py: warning: skipped 1 unreadable gallery file: images/broken.JPG"]
+        if repeat == 0:
+            written = os.stat(index).st_mtime_ns
+    assert os.stat(index).st_mtime_ns == written  # only the unreadable file was tried again: nothing to rewrite
     result = json.loads(open(tmp_path / "r.jsonl").read())
     assert set(result) == {"image", "text", "results"} and result["image"] == image
     paths = [r["path"] for r in result["results"]]
