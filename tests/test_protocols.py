@@ -256,3 +256,31 @@ def test_run_info_records_the_complete_text_query_on_the_tirg_datasets(caplog):
     assert len([r for r in caplog.records if "not comparable" in r.getMessage()]) == 1
     assert "query_text" not in info("fashion200k", False) and "query_text" not in info("fashionIQ", True)
     assert info("fashionIQ", False)["fashioniq_protocol"] == "composeae"
+
+
+def test_triplets_select_on_val_uses_the_val_rows(tmp_path):
+    import csv
+
+    from torch_functions import UserInputError
+
+    path = synthetic.write_triplets_csv(str(tmp_path / "t"), image_size=16, n_train_nouns=2, n_test_nouns=1,
+                                        adjectives_per_noun=2, images_per_class=2)
+    rows = list(csv.DictReader(open(path)))
+    tests = [r for r in rows if r["split"] == "test"]
+    for r in tests[: len(tests) // 2]:
+        r["split"] = "val"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    splits = datasets.build_splits("triplets", path, image_size=16, select_on="val")
+    assert (splits["val"].split, splits["test"].split) == ("val", "test")
+    assert len(splits["val"]) + len(splits["test"]) == len(tests)
+    for r in rows:
+        r["split"] = "val" if r["split"] == "test" else r["split"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(UserInputError, match="has no test rows"):
+        datasets.build_splits("triplets", path, image_size=16, select_on="val")
