@@ -249,8 +249,11 @@ def run_main(args: argparse.Namespace) -> int:
     run = Run(args, folder, enabled=rank == 0)
     logger.info("log files saved to %s", folder)
     if args.test_only:
-        metrics = evaluate_all(args, model, tasks, device)
-        run.metrics(metrics, int(ckpt.get("it", 0)))
+        try:
+            metrics = evaluate_all(args, model, tasks, device)
+            run.metrics(metrics, int(ckpt.get("it", 0)))
+        finally:
+            run.release()
         run.close(metrics)
         return 0
     start = None
@@ -309,23 +312,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, WriteFailed) as exc:
+    except (TrainingDiverged, WriteFailed, NonFiniteFeaturesError) as exc:  # a run that failed, not bad input
         print(f"main.py: error: {exc}", file=sys.stderr)
-        return 1
-    except NonFiniteFeaturesError as exc:
-        print(f"main.py: error: {exc}; evaluate a checkpoint with finite weights", file=sys.stderr)
         return 1
     except Interrupted as exc:
         name = signal.Signals(exc.signum).name
         if exc.checkpoint:
-            print(f"main.py: {name}: interrupted at iteration {exc.it}; resume with: "
+            unsaved = "" if exc.saved else " (its weights are not finite: nothing saved)"
+            print(f"main.py: {name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
                   f"{resume_command(argv, exc.checkpoint)}", file=sys.stderr)
         else:
             print(f"main.py: {name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from",
                   file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("main.py: interrupted; nothing was saved by this step", file=sys.stderr)
+        print("main.py: interrupted; stopped without writing a checkpoint (any written before is intact)",
+              file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

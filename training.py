@@ -312,8 +312,8 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
         if bad:
             raise TrainingDiverged(
                 f"{len(bad)} weight or optimizer tensors are not finite at iteration {it} (e.g. {bad[0]}); "
-                f"{what} skipped and the run stopped. The last finite checkpoint is {last_good or 'none'}; lower "
-                f"--learning_rate{' and resume from it' if last_good else ''}")
+                f"{what} skipped and the run stopped. The last finite checkpoint is {last_good or 'none'}; "
+                f"{'resume from it, or ' if last_good else ''}start again with a lower --learning_rate")
 
     def save(name: str) -> None:
         nonlocal last_good
@@ -398,8 +398,6 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                             f"readable images (the warnings above name the unreadable files); fix the dataset's "
                             f"images")
                     epoch, batch_in_epoch, steps_in_epoch, skipped = epoch + 1, 0, 0, 0
-            if flag["signum"] and world == 1 and it < args.num_iters:
-                stop_on_signal(flag["signum"])
     finally:
         progress.close()
     return metrics

@@ -256,6 +256,23 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
     assert main.resume_command(["--resume", "old", "--x", "1", "--resume=o2"], "new") == "main.py --resume new --x 1"
 
 
+def test_a_second_signal_stops_at_once_without_writing(two_step_run, data, tmp_path, monkeypatch, capsys):
+    real = training.train_one_step
+
+    def step(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)  # the first only sets the flag,
+        os.kill(os.getpid(), signal.SIGTERM)  # the second stops here, inside the step
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "train_one_step", step)
+    rc = main.main(tirg(data, tmp_path, "--num_iters", "50", "--save_every", "1"))
+    assert rc == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("main.py: interrupted; stopped without")
+    folder = only_run_folder(tmp_path)
+    assert not glob.glob(os.path.join(folder, "*.pth")) and leftovers(folder) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 5. Write errors, temp files, the run-folder lock
 def test_atomic_write_removes_its_temp_file_and_keeps_the_old_file(tmp_path):
