@@ -36,7 +36,7 @@ class WriteFailed(RuntimeError):
 def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
     """Names of the model's parameters and buffers (and the optimizer's state tensors) holding NaN or infinity.
 
-    One fused check: one device reduction per tensor, stacked, and a single host sync; the names are looked up
+    One check: a device reduction per tensor, stacked, and a single host sync; the names are looked up
     (a second sync) only when something is not finite.
     """
     named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]

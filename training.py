@@ -333,9 +333,10 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
         raise Interrupted(signum, it, last_good, saved)
 
     model.train()
-    progress = tqdm_bar(total=args.num_iters, initial=it, desc="train", disable=rank != 0)
-    try:  # an error is printed after the bar's last line, not on it
-        with interrupt_flag() as flag:
+    # the handlers are in place before the progress bar's first line: a signal from then on saves and stops
+    with interrupt_flag() as flag:
+        progress = tqdm_bar(total=args.num_iters, initial=it, desc="train", disable=rank != 0)
+        try:  # an error is printed after the bar's last line, not on it
             while it < args.num_iters:
                 sampler.set_epoch(epoch)
                 sampler.set_start_batch(batch_in_epoch)
@@ -398,8 +399,8 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                             f"readable images (the warnings above name the unreadable files); fix the dataset's "
                             f"images")
                     epoch, batch_in_epoch, steps_in_epoch, skipped = epoch + 1, 0, 0, 0
-    finally:
-        progress.close()
+        finally:
+            progress.close()
     return metrics
 
 
