@@ -315,14 +315,21 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                 f"{what} skipped and the run stopped. The last finite checkpoint is {last_good or 'none'}; "
                 f"{'resume from it, or ' if last_good else ''}start again with a lower --learning_rate")
 
+    def written(what: str, write) -> None:
+        """``write()``; a write error (disk full, quota) becomes one line naming ``what`` and the last good
+        checkpoint (the atomic writes leave the earlier file in place)."""
+        try:
+            write()
+        except OSError as exc:
+            advice = (f"The last good checkpoint is {last_good}; free space and resume from it" if last_good else
+                      "No checkpoint was written yet; free space and start again")
+            raise WriteFailed(f"cannot write {what} ({exc.strerror or exc}); the file there is unchanged. "
+                              f"{advice}") from None
+
     def save(name: str) -> None:
         nonlocal last_good
         path = os.path.join(run.folder, name)
-        try:
-            run.save(name, state)
-        except OSError as exc:
-            raise WriteFailed(f"cannot write {path} ({exc.strerror or exc}); the file there is unchanged. The last "
-                              f"good checkpoint is {last_good or 'none'}; free space and resume from it") from None
+        written(path, lambda: run.save(name, state))
         last_good = path
 
     def stop_on_signal(signum: int) -> None:
@@ -365,19 +372,14 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                         check_finite("evaluation and checkpoint" if evaluate_now else "the checkpoint")
                     if log_due:
                         averages["learning_rate"] = optimizer.param_groups[0]["lr"]
-                        run.scalars(averages, it)
+                        written(f"the TensorBoard events in {run.folder}", lambda: run.scalars(averages, it))
                         progress.set_postfix(loss=f"{averages['total training loss']:.4f}")
                         sums, count = {}, 0
                     if evaluate_now:
                         metrics = evaluate_all(args, model, tasks, device)
                         model.train()
-                        try:
-                            run.metrics(metrics, it)
-                        except OSError as exc:
-                            raise WriteFailed(
-                                f"cannot write {os.path.join(run.folder, 'metrics.json')} ({exc.strerror or exc}); "
-                                f"the file there is unchanged. The last good checkpoint is {last_good or 'none'}; "
-                                f"free space and resume from it") from None
+                        written(f"{os.path.join(run.folder, 'metrics.json')} or the TensorBoard events",
+                                lambda: run.metrics(metrics, it))
                         score = best_score(metrics, args.best_metric)
                         if score > best:
                             best = score

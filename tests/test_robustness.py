@@ -310,6 +310,21 @@ def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(data
     assert load(latest)["it"] == 1 and leftovers(folder) == []
 
 
+def test_a_write_error_in_the_events_names_them(data, tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    rc = main.main(tirg(data, tmp_path, "--num_iters", "3", "--log_every", "1", "--save_every", "100"))
+    line = error_message(capsys.readouterr().err)
+    assert rc == 1
+    assert line == (f"main.py: error: cannot write the TensorBoard events in {only_run_folder(tmp_path)} (No space "
+                    f"left on device); the file there is unchanged. No checkpoint was written yet; free space and "
+                    f"start again")
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
