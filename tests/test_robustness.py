@@ -463,6 +463,21 @@ def test_read_only_run_folder_on_resume_names_it(two_step_run, data, tmp_path, m
     assert f"cannot write into the run folder {folder} (Read-only file system)" in line
 
 
+def test_read_only_log_dir_names_it(data, tmp_path, monkeypatch, capsys):
+    log_dir = str(tmp_path / "logs")
+    os.makedirs(log_dir)
+
+    def read_only(path, *a, **kw):  # as root, chmod does not stop writes: the file system refuses instead
+        raise PermissionError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(runlog.os, "mkdir", read_only)
+    assert main.main(tirg(data, log_dir, "--num_iters", "2")) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"main.py: error: --log_dir {log_dir}: cannot create a run folder in it (Read-only file "
+                           f"system: {log_dir}/")
+    assert os.listdir(log_dir) == []
+
+
 def test_non_utf8_text_files_and_deep_json_are_named(tmp_path):
     from test_datasets import make_fashion200k
 
