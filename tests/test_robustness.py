@@ -196,6 +196,20 @@ def test_metrics_json_is_strict(tmp_path):
                                 "test recall_top10_correct_shirt": 0.25}, "auto") == 0.25
 
 
+def test_resuming_nonfinite_weights_is_refused(two_step_run, data, tmp_path, capsys):
+    ckpt = torch.load(two_step_run["ckpt"], map_location="cpu", weights_only=False)
+    name = next(k for k, v in ckpt["model_state_dict"].items() if k.endswith("running_var"))
+    ckpt["model_state_dict"][name].fill_(math.inf)
+    (tmp_path / "run").mkdir()
+    path = str(tmp_path / "run" / "latest_checkpoint.pth")
+    torch.save(ckpt, path)
+    assert main.main(tirg(data, tmp_path / "unused", "--num_iters", "4", "--resume", path)) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"main.py: error: --resume {path}: 1 of its tensors are not finite (e.g. {name}); resume from "
+                    f"an earlier checkpoint")
+    assert load(path)["it"] == 2
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 4. Signals
 def test_sigint_and_sigterm_save_and_the_printed_command_resumes(data, tmp_path):
