@@ -470,8 +470,7 @@ class Fashion200k(_RetrievalDataset):
         self.imgs: list[dict] = []
         for file_name in label_files:
             label_path = os.path.join(labels_dir, file_name)
-            with open(label_path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            lines = _read_utf8_lines(label_path)
             count = 0
             for line_no, line in enumerate(lines, 1):
                 if not line.strip():  # blank lines (a trailing one crashed the original)
@@ -519,8 +518,7 @@ class Fashion200k(_RetrievalDataset):
         if not os.path.isfile(queries_path):
             raise UserInputError(f"{queries_path} is missing: Fashion200k evaluation needs it "
                                  f"('source_path target_path' a line)")
-        with open(queries_path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        lines = _read_utf8_lines(queries_path)
         for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -749,8 +747,8 @@ class FashionIQ(_RetrievalDataset):
         try:
             with open(file_path, encoding="utf-8") as f:
                 data = json.load(f)
-        except ValueError as exc:
-            raise UserInputError(f"{file_path}: not valid JSON ({exc})") from None
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack allows
+            raise UserInputError(f"{file_path}: not valid JSON ({str(exc)[:200]})") from None
         if not isinstance(data, list):
             raise UserInputError(f"{file_path}: expected a JSON list, got {type(data).__name__}")
         return data
@@ -1313,6 +1311,16 @@ class EpochBatchSampler(torch.utils.data.Sampler):
             else:  # the last partial batch (drop_last=False): near-equal contiguous shares
                 bounds = np.linspace(0, len(batch), self.world_size + 1).round().astype(int)
                 yield batch[bounds[self.rank]:bounds[self.rank + 1]]
+
+
+def _read_utf8_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; any other encoding is a UserInputError naming the file and the byte."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                             f"convert it to UTF-8") from None
 
 
 def collate_train(items: Sequence[dict | None], keep_size: bool = False) -> dict:

@@ -13,7 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from torch_functions import UserInputError
+
 logger = logging.getLogger("datasets")
+
+# Images are bounded before they are decoded (their size is in the file's header): an image whose longer side is more
+# than MAX_ASPECT_RATIO times its shorter side (resizing its shorter side to 224 would make a 20000x1 PNG 4.5
+# gigapixels), or with more than MAX_IMAGE_PIXELS pixels (PIL's own decompression-bomb warning threshold), is
+# skipped as unreadable. The published datasets' images are far inside both bounds.
+MAX_ASPECT_RATIO: float = 20.0
+MAX_IMAGE_PIXELS: int = 89_478_485
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -23,12 +32,13 @@ logger = logging.getLogger("datasets")
 class BadImageError(Exception):
     """An image file that cannot be opened or decoded (missing, corrupt, truncated)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, reason: str = "") -> None:
         super().__init__(path)
         self.path = path
+        self.reason = reason
 
     def __str__(self) -> str:
-        return f"unreadable image {self.path}"
+        return f"unreadable image {self.path}" + (f" ({self.reason})" if self.reason else "")
 
 
 def load_rgb_uint8(path: str, image_size: int) -> torch.Tensor:
@@ -36,13 +46,19 @@ def load_rgb_uint8(path: str, image_size: int) -> torch.Tensor:
 
     PIL open -> convert('RGB') (MIT-States holds grayscale and CMYK JPEGs) -> Resize(S) on the shorter side (PIL
     bilinear) -> CenterCrop(S) -> pil_to_tensor. PIL's LOAD_TRUNCATED_IMAGES is left alone, so a truncated file
-    raises ``BadImageError(path)`` instead of silently returning a partly grey image.
+    raises ``BadImageError(path)`` instead of silently returning a partly grey image. An image beyond
+    ``MAX_ASPECT_RATIO`` or ``MAX_IMAGE_PIXELS`` (read from its header, before decoding) raises it too.
     """
     import torchvision.transforms.functional as TF
 
     try:
         with open(path, "rb") as f:
             with Image.open(f) as img:
+                width, height = img.size
+                if min(width, height) < 1 or max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                    raise BadImageError(path, f"{width}x{height} pixels: aspect ratio beyond {MAX_ASPECT_RATIO:g}")
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise BadImageError(path, f"{width}x{height} pixels: more than {MAX_IMAGE_PIXELS}")
                 rgb = img.convert("RGB")  # forces the full decode
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImageError(path) from exc
@@ -85,7 +101,13 @@ class ImageCache:
         self.image_size = int(image_size)
         digest = _file_list_digest(self.paths)
         stem = f"{name}-{split}-{self.image_size}px-{digest[:16]}"
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            if not os.access(folder, os.W_OK):
+                raise PermissionError(13, "not writable", folder)
+        except OSError as exc:  # a regular file, read-only, under a regular file
+            raise UserInputError(f"--image_cache {folder}: cannot use it as the image cache folder "
+                                 f"({exc.strerror or exc}); pass a writable folder, or '' for no cache") from None
         self.data_file = os.path.join(folder, stem + ".u8")
         self.meta_file = os.path.join(folder, stem + ".json")
         self.digest = digest

@@ -7,6 +7,8 @@ checkpoints written by the original code load here. The text width follows the t
 """
 from __future__ import annotations
 
+import argparse
+
 import functools
 import logging
 from typing import Callable, Sequence
@@ -49,6 +51,27 @@ def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, std
 
 
+def _read_resnet_state(path: str) -> dict:
+    """The state dict in ``path`` for --image_weights; anything else (a text file, a bare tensor, a main.py
+    checkpoint) is a UserInputError saying what it is."""
+    expected = "pass a ResNet-18 state dict file (torchvision key names), imagenet or none"
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, a text file, a torn or unsafe pickle
+        lines = str(exc).strip().splitlines() or [""]
+        raise UserInputError(f"--image_weights {path}: cannot read it as a PyTorch file ({type(exc).__name__}: "
+                             f"{lines[0][:100]}); {expected}") from None
+    if isinstance(state, dict) and "model_state_dict" in state:
+        raise UserInputError(f"--image_weights {path}: this is a main.py checkpoint (a whole model with its "
+                             f"training state), not a ResNet-18 state dict; evaluate it with --model_checkpoint, "
+                             f"resume it with --resume, or {expected}")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"--image_weights {path}: it holds a {type(state).__name__}, not a mapping of names to "
+                             f"tensors; {expected}")
+    return state
+
+
 def build_image_encoder(image_embed_dim: int = 512, weights: str = "none") -> torchvision.models.ResNet:
     """torchvision ResNet-18, global average pooling, ``fc`` replaced by Sequential(Linear(512, image_embed_dim)).
 
@@ -66,11 +89,7 @@ def build_image_encoder(image_embed_dim: int = 512, weights: str = "none") -> to
     else:
         model = torchvision.models.resnet18(weights=None)
         if weights != "none":
-            try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError) as exc:
-                raise UserInputError(f"--image_weights {weights}: cannot read it ({exc}); pass a ResNet-18 state "
-                                     f"dict file, imagenet or none") from None
+            state = _read_resnet_state(weights)
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             missing, unexpected = model.load_state_dict(state, strict=False)
             if unexpected or [k for k in missing if not k.startswith("fc.")]:

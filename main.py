@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import shlex
+import signal
 import sys
 from typing import Sequence
 
 import torch
 
 import img_text_composition_models as models
-from checkpoint import read_checkpoint, set_rng_state
+from checkpoint import WriteFailed, read_checkpoint, set_rng_state
 from datasets import DATASET_NAMES, FASHION_IQ_PROTOCOLS, SELECT_ON
 from factory import build_experiment, init_distributed, run_info
 from runlog import Run, run_folder
+from test_retrieval import NonFiniteFeaturesError
 from torch_functions import LOSS_NAMES, UserInputError, distributed_world
-from training import TrainingDiverged, evaluate_all, evaluate_best_on_test, train
+from training import Interrupted, TrainingDiverged, evaluate_all, evaluate_best_on_test, train
 
 logger = logging.getLogger("main")
 
@@ -173,11 +177,9 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.dataset_path is None:
         raise UserInputError(f"--dataset {args.dataset} needs --dataset_path (the folder of the downloaded dataset)")
+    check_ranges(args)
     if args.eval_batch_size <= 0:
         args.eval_batch_size = args.batch_size
-    for name in ("batch_size", "num_iters", "learning_rate_decay_frequency", "image_size", "log_every"):
-        if getattr(args, name) <= 0:
-            raise UserInputError(f"--{name} must be positive, got {getattr(args, name)}")
     if args.test_only and not args.model_checkpoint:
         raise UserInputError("--test_only True needs --model_checkpoint PATH")
     if args.cuda_graph and not args.use_bert:
@@ -197,6 +199,30 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     if args.val_nouns < 0:
         raise UserInputError(f"--val_nouns must be >= 0, got {args.val_nouns}")
     return args
+
+
+POSITIVE_FLAGS = ("batch_size", "num_iters", "learning_rate_decay_frequency", "image_size", "log_every",
+                  "image_embed_dim", "lstm_dim")
+NON_NEGATIVE_FLAGS = ("learning_rate", "weight_decay", "loader_num_workers", "train_eval_queries", "save_every",
+                      "eval_every")
+FINITE_FLAGS = ("learning_rate", "weight_decay", "loss_weights", "triplet_grad_scale")
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """Numeric flags out of range, and a --comment that would leave --log_dir: one UserInputError each."""
+    for name in FINITE_FLAGS:
+        values = getattr(args, name)
+        if not all(math.isfinite(v) for v in (values if isinstance(values, list) else [values])):
+            raise UserInputError(f"--{name} must be finite, got {values}")
+    for name in POSITIVE_FLAGS:
+        if getattr(args, name) <= 0:
+            raise UserInputError(f"--{name} must be positive, got {getattr(args, name)}")
+    for name in NON_NEGATIVE_FLAGS:
+        if getattr(args, name) < 0:
+            raise UserInputError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if any(sep and sep in args.comment for sep in (os.sep, os.altsep, "\0")):
+        raise UserInputError(f"--comment {args.comment!r}: it is part of the run folder's name, so it cannot hold "
+                             f"'{os.sep}' (it would leave --log_dir); use letters, digits, '_' or '-'")
 
 
 def checkpoint_args(ckpt: dict) -> argparse.Namespace:
@@ -237,7 +263,7 @@ def run_main(args: argparse.Namespace) -> int:
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     info = run_info(args)  # warns now when the numbers are not comparable with the papers' protocol
     source = args.model_checkpoint if args.test_only else args.resume
-    ckpt = read_checkpoint(source) if source else None
+    ckpt = read_checkpoint(source, resume=not args.test_only) if source else None
     exp = build_experiment(args, device, ckpt, source)
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
 
@@ -250,13 +276,16 @@ def run_main(args: argparse.Namespace) -> int:
     run.info.update(info)
     logger.info("log files saved to %s", folder)
     if args.test_only:
-        metrics = evaluate_all(args, model, tasks, device, run, int(ckpt.get("it", 0)))
-        run.metrics(metrics, int(ckpt.get("it", 0)))
-        if args.submission_dir:
-            import cirr_submission
-            from factory import cirr_test1
+        try:
+            metrics = evaluate_all(args, model, tasks, device, run, int(ckpt.get("it", 0)))
+            run.metrics(metrics, int(ckpt.get("it", 0)))
+            if args.submission_dir:
+                import cirr_submission
+                from factory import cirr_test1
 
-            cirr_submission.write_test1_submission(args, model, cirr_test1(args), device)
+                cirr_submission.write_test1_submission(args, model, cirr_test1(args), device)
+        finally:
+            run.release()
         run.close(metrics)
         return 0
     start = None
@@ -285,13 +314,28 @@ def run_main(args: argparse.Namespace) -> int:
     finally:
         if run.enabled:
             run.writer.flush()
+        run.release()
     run.close(metrics)
     logger.info("finished training; checkpoints and metrics.json in %s", folder)
     return 0
 
 
+def resume_command(argv: Sequence[str], checkpoint: str) -> str:
+    """The command line ``argv`` with ``--resume checkpoint`` in place of any --resume it had."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            rest.append(a)
+    return shlex.join(["main.py", "--resume", checkpoint, *rest])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad flag (one line already printed)
@@ -302,9 +346,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 2
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, WriteFailed, NonFiniteFeaturesError) as exc:  # a run that failed, not bad input
         print(f"main.py: error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        name = signal.Signals(exc.signum).name
+        if exc.checkpoint:
+            unsaved = "" if exc.saved else " (its weights are not finite: nothing saved)"
+            print(f"main.py: {name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
+                  f"{resume_command(argv, exc.checkpoint)}", file=sys.stderr)
+        else:
+            print(f"main.py: {name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from",
+                  file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("main.py: interrupted; stopped without writing a checkpoint (any written before is intact)",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -430,6 +430,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        from test_retrieval import NonFiniteFeaturesError
+
+        if not isinstance(exc, NonFiniteFeaturesError):
+            raise
+        print(f"retrieve.py: error: {exc}", file=sys.stderr)  # a checkpoint with diverged weights: no ranking
+        return 1
 
 
 if __name__ == "__main__":

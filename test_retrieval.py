@@ -36,6 +36,38 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50, 100)  # the reference's recall cut-offs
 DEFAULT_MAX_CHUNK_ELEMS: int = 2 ** 25  # similarity entries held at once (128 MiB of fp32 per buffer)
+NONFINITE_POLICIES: tuple[str, ...] = ("refuse", "rank_last")
+
+
+class NonFiniteFeaturesError(ValueError):
+    """Query or gallery features hold NaN or infinity (a diverged model): no recall can be computed from them."""
+
+    def __init__(self, bad_queries: int, n_queries: int, bad_gallery: int, n_gallery: int) -> None:
+        self.bad_queries, self.n_queries, self.bad_gallery, self.n_gallery = bad_queries, n_queries, bad_gallery, n_gallery
+        super().__init__(f"the features of {bad_queries} of {n_queries} queries and {bad_gallery} of {n_gallery} "
+                         f"gallery items are not finite (NaN or infinite): the model's weights or activations "
+                         f"diverged, so no recall is reported")
+
+
+def _finite_rows(queries: torch.Tensor, gallery: torch.Tensor, nonfinite: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q,) and (G,) masks of the L2-normalised feature rows that are finite everywhere.
+
+    ``nonfinite='refuse'`` raises ``NonFiniteFeaturesError`` when any row is not finite (one host sync);
+    ``'rank_last'`` logs a warning and returns the masks: the caller ranks those rows last and never counts them
+    as hits. A NaN similarity must never count as a hit: every comparison with NaN is False, so without this check
+    a NaN row would rank every item first.
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    q_ok = torch.isfinite(queries).all(dim=1)  # (Q,)
+    g_ok = torch.isfinite(gallery).all(dim=1)  # (G,)
+    bad_q, bad_g = int((~q_ok).sum()), int((~g_ok).sum())
+    if bad_q or bad_g:
+        error = NonFiniteFeaturesError(bad_q, q_ok.numel(), bad_g, g_ok.numel())
+        if nonfinite == "refuse":
+            raise error
+        logger.warning("%s; they are ranked last and never count as hits", str(error).split(": the model")[0])
+    return q_ok, g_ok
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,7 +87,7 @@ def _full_fp32_matmul() -> Iterator[None]:
 
 def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, query_targets: torch.Tensor,
                     gallery_labels: torch.Tensor, query_exclude: torch.Tensor | None = None,
-                    max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> torch.Tensor:
+                    max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, nonfinite: str = "refuse") -> torch.Tensor:
     """0-based rank of the first relevant gallery item of every query, for every label view.
 
     query_feats: (Q, D), gallery_feats: (G, D); both are L2-normalised here (a zero row stays zero: similarity 0,
@@ -72,6 +104,10 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
 
     Queries are processed in chunks of ``max(1, max_chunk_elems // G)`` rows, so each (chunk, G) buffer holds at
     most ``max_chunk_elems`` entries. Returns a LongTensor (Q, V) on ``query_feats.device``.
+
+    Rows that are not finite after normalisation: ``nonfinite='refuse'`` (default) raises
+    ``NonFiniteFeaturesError`` naming how many; ``'rank_last'`` gives such a query rank G (no hit) and such a
+    gallery item similarity -inf and no relevance (ranked after every finite item, never a hit).
     """
     if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
         raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(query_feats.shape)} and "
@@ -103,22 +139,25 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
         targets = query_targets.to(device=device, dtype=torch.long)  # (Q, V)
         exclude = None if query_exclude is None else query_exclude.to(device=device, dtype=torch.long)  # (Q,)
         index = torch.arange(n_gallery, device=device)  # (G,)
+        q_ok, g_ok = _finite_rows(queries, gallery, nonfinite)  # (Q,), (G,)
 
         for start in range(0, n_queries, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_queries)
             sims = queries[start:stop] @ gallery_t  # (C, G)
+            sims = torch.where(g_ok.unsqueeze(0), sims, neg_inf)  # non-finite gallery items: last
             if exclude is not None:
                 excl = exclude[start:stop]  # (C,)
                 rows = torch.arange(stop - start, device=device)  # (C,)
                 cols = excl.clamp_min(0)  # (C,) -1 (none) rewrites column 0 with its own value
                 sims[rows, cols] = torch.where(excl >= 0, neg_inf, sims[rows, cols])
             for v in range(n_views):
-                relevant = labels[:, v].unsqueeze(0) == targets[start:stop, v].unsqueeze(1)  # (C, G)
+                relevant = (labels[:, v].unsqueeze(0) == targets[start:stop, v].unsqueeze(1)) & g_ok  # (C, G)
                 best = torch.where(relevant, sims, neg_inf).amax(dim=1, keepdim=True)  # (C, 1) s*
                 at_best = sims == best  # (C, G)
                 first = torch.where(relevant & at_best, index, n_gallery).amin(dim=1, keepdim=True)  # (C, 1) j*
                 rank = (sims > best).sum(dim=1) + (at_best & (index < first)).sum(dim=1)  # (C,)
-                ranks[start:stop, v] = torch.where(relevant.any(dim=1), rank, n_gallery)
+                hit_possible = relevant.any(dim=1) & q_ok[start:stop]  # (C,)
+                ranks[start:stop, v] = torch.where(hit_possible, rank, n_gallery)
     return ranks
 
 
@@ -128,8 +167,8 @@ def normalize_rows(feats: torch.Tensor) -> torch.Tensor:
 
 
 def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_exclude: torch.Tensor | None = None,
-          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
-          gallery_normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, gallery_normalized: bool = False,
+          nonfinite: str = "refuse") -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best gallery items of every query, as the evaluation ranks them: cosine similarity of the
     L2-normalised features in fp32, descending, ties to the lower gallery index (a stable sort).
 
@@ -139,6 +178,9 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
     query_feats: (Q, D), gallery_feats: (G, D). query_exclude: (Q,) gallery position left out of that query's
     ranking (its own source image), -1 for none. Returns ``(scores, indices)``, each (Q, min(k, G')) where G' is
     the number of gallery items a query can get (G, less one when any query excludes one); on ``query_feats.device``.
+
+    Non-finite rows: ``nonfinite='refuse'`` (default) raises ``NonFiniteFeaturesError``; ``'rank_last'`` ranks a
+    non-finite gallery item after every finite one (score -inf) and gives a non-finite query indices -1, scores NaN.
     """
     if query_feats.dim() != 2 or gallery_feats.dim() != 2 or query_feats.shape[1] != gallery_feats.shape[1]:
         raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(query_feats.shape)} and "
@@ -157,9 +199,12 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
         gallery = gallery_feats.to(device=device, dtype=torch.float32)  # (G, D)
         gallery_t = (gallery if gallery_normalized else normalize_rows(gallery)).t()  # (D, G)
         exclude = None if query_exclude is None else query_exclude.to(device=device, dtype=torch.long)  # (Q,)
+        q_ok, g_ok = _finite_rows(queries, gallery_t.t(), nonfinite)  # (Q,), (G,)
         for start in range(0, n_queries, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_queries)
             sims = queries[start:stop] @ gallery_t  # (C, G)
+            # a non-finite gallery item sorts below every cosine (>= -1) but above the excluded item (-inf)
+            sims = torch.where(g_ok.unsqueeze(0), sims, -2.0)
             if drop:  # the excluded item gets -inf: last in a stable sort, and k <= G - 1 leaves it out
                 excl = exclude[start:stop]  # (C,)
                 rows = torch.arange(stop - start, device=device)  # (C,)
@@ -168,6 +213,10 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
             idx = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]  # (C, k)
             indices[start:stop] = idx
             scores[start:stop] = sims.gather(1, idx)
+        if not bool(g_ok.all()):
+            scores[~g_ok[indices]] = float("-inf")
+        if not bool(q_ok.all()):
+            scores[~q_ok], indices[~q_ok] = math.nan, -1
     return scores, indices
 
 
@@ -201,8 +250,8 @@ def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.
 
 
 def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
-                      ks: Sequence[int] = DEFAULT_KS,
-                      max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
+                      ks: Sequence[int] = DEFAULT_KS, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+                      nonfinite: str = "refuse") -> OrderedDict[str, float]:
     """Recall@k of the task's queries (Q, D) against its gallery (G, D), under the reference's metric names.
 
     Without ``task.query_groups`` (MIT-States, Fashion200k): for k in ks, for view in ``task.gallery_labels`` order,
@@ -228,7 +277,7 @@ def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_fe
             raise ValueError(f"query_exclude has {len(task.query_exclude)} entries for {n_queries} queries")
         exclude = torch.tensor(task.query_exclude, dtype=torch.long)  # (Q,)
     ranks = first_hit_ranks(query_feats, gallery_feats, target_ids, gallery_ids, exclude,
-                            max_chunk_elems=max_chunk_elems).cpu()  # (Q, V)
+                            max_chunk_elems=max_chunk_elems, nonfinite=nonfinite).cpu()  # (Q, V)
 
     out: OrderedDict[str, float] = OrderedDict()
     if task.query_groups is None:
@@ -442,15 +491,16 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
 def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
              device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
              max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] | None = None, desc: str = "test",
-             progress: bool = True) -> OrderedDict[str, float]:
+             progress: bool = True, nonfinite: str = "refuse") -> OrderedDict[str, float]:
     """Recall@k of ``model`` on ``task``: the metrics of ``task.protocol`` (``task_metrics``) of the features of
-    ``encode_task``; ``ks`` (the TIRG protocol's cut-offs) default: ``task_ks(task)``."""
+    ``encode_task``; ``ks`` (the TIRG protocol's cut-offs) default: ``task_ks(task)``; non-finite features: see
+    ``first_hit_ranks``."""
     query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
                                              num_workers=num_workers, amp=amp, desc=desc, progress=progress)
     if task.protocol != "tirg":
-        return task_metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems)
+        return task_metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems, nonfinite=nonfinite)
     return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
-                             max_chunk_elems=max_chunk_elems)
+                             max_chunk_elems=max_chunk_elems, nonfinite=nonfinite)
 
 
 def task_ks(task: RetrievalTask) -> tuple[int, ...]:
@@ -602,16 +652,22 @@ def fashioniq_standard_metrics(task: RetrievalTask, query_feats: torch.Tensor, g
 
 
 def task_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
-                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
+                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, nonfinite: str = "refuse") -> OrderedDict[str, float]:
     """The metrics of ``task.protocol``: ``'tirg'`` (``retrieval_metrics``, at ``task.ks`` when given),
-    ``'cirr'`` (``cirr_metrics``) or ``'fashioniq_standard'`` (``fashioniq_standard_metrics``)."""
+    ``'cirr'`` (``cirr_metrics``) or ``'fashioniq_standard'`` (``fashioniq_standard_metrics``).
+
+    Non-finite features: the TIRG protocol follows ``nonfinite`` (see ``first_hit_ranks``); the later-work
+    protocols always refuse them (``NonFiniteFeaturesError``)."""
+    if task.protocol != "tirg":
+        _finite_rows(query_feats, gallery_feats, "refuse")
     if task.protocol == "cirr":
         return cirr_metrics(task, query_feats, gallery_feats, max_chunk_elems)
     if task.protocol == "fashioniq_standard":
         return fashioniq_standard_metrics(task, query_feats, gallery_feats, max_chunk_elems)
     if task.protocol != "tirg":
         raise ValueError(f"unknown retrieval protocol {task.protocol!r}")
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task), max_chunk_elems=max_chunk_elems)
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task), max_chunk_elems=max_chunk_elems,
+                             nonfinite=nonfinite)
 
 
 def ranked_names(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,

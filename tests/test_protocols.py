@@ -148,7 +148,7 @@ def _run(argv: list[str]) -> tuple[int, str]:
 
 
 def _flags(dataset: str, path: str, log_dir, *extra: str) -> list[str]:
-    return ["--dataset", dataset, "--dataset_path", path, "--image_size", "16", "--batch_size", "2",
+    return ["--dataset", dataset, "--dataset_path", path, "--image_size", "32", "--batch_size", "2",
             "--train_eval_queries", "4", "--loader_num_workers", "0", "--log_dir", str(log_dir), "--device", "cpu",
             "--image_weights", "none", "--use_bert", "False", "--lstm_dim", "16", "--model", "tirg", *extra]
 
