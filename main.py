@@ -81,8 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     # -- the original's flags
     p.add_argument("-f", type=str, default="", help="ignored (lets the original run inside Jupyter)")
     p.add_argument("--comment", type=str, default="", help="suffix of the run folder name")
-    p.add_argument("--dataset", type=str, default="synthetic", choices=["mitstates", "fashion200k", "fashionIQ", "synthetic"],
-                   help="dataset, in its published layout under --dataset_path")
+    p.add_argument("--dataset", type=str, default="synthetic", choices=["mitstates", "fashion200k", "fashionIQ", "synthetic", "triplets"],
+                   help="dataset, in its published layout under --dataset_path; triplets = your own DIR/triplets.csv (source,text,target,split)")
     p.add_argument("--dataset_path", type=str, default=None, help="dataset folder" + syn.format("data/synthetic"))
     p.add_argument("--model", type=str, default="composeAE", choices=list(models.MODELS), help="composition model")
     p.add_argument("--image_embed_dim", type=int, default=512, help="image embedding width")
@@ -223,7 +223,7 @@ def run_main(args: argparse.Namespace) -> int:
     run = Run(args, folder, enabled=rank == 0)
     logger.info("log files saved to %s", folder)
     if args.test_only:
-        metrics = evaluate_all(args, model, tasks, device)
+        metrics = evaluate_all(args, model, tasks, device, run, int(ckpt.get("it", 0)))
         run.metrics(metrics, int(ckpt.get("it", 0)))
         run.close(metrics)
         return 0

@@ -1,4 +1,4 @@
-"""Run folders and what a run writes into them: TensorBoard scalars, ``metrics.json`` and checkpoints."""
+"""Run folders and what a run writes into them: TensorBoard scalars and images, ``metrics.json`` and checkpoints."""
 from __future__ import annotations
 
 import json
@@ -63,6 +63,17 @@ class Run:
         self.history.append({"it": it, **metrics})
         if self.enabled:
             write_json(os.path.join(self.folder, "metrics.json"), {"latest": self.history[-1], "history": self.history})
+
+    def image(self, tag: str, picture, it: int, file_name: str = "") -> None:
+        """A PIL image to TensorBoard under ``tag`` at step ``it`` and, with ``file_name``, atomically to
+        <run folder>/<file_name> as PNG (rank 0 only)."""
+        if not self.enabled:
+            return
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
+        if file_name:
+            atomic_write(os.path.join(self.folder, file_name), lambda f: picture.save(f, format="PNG"))
 
     def save(self, name: str, state_fn) -> None:
         """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn)."""

@@ -122,10 +122,19 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
     return ranks
 
 
+def normalize_rows(feats: torch.Tensor) -> torch.Tensor:
+    """(N, D) rows L2-normalised in fp32 as the ranking normalises them (a zero row stays zero)."""
+    return F.normalize(feats.float(), dim=1)
+
+
 def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_exclude: torch.Tensor | None = None,
-          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+          gallery_normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best gallery items of every query, as the evaluation ranks them: cosine similarity of the
     L2-normalised features in fp32, descending, ties to the lower gallery index (a stable sort).
+
+    ``gallery_normalized``: ``gallery_feats`` is already ``normalize_rows(raw)`` (e.g. a stored index), so it is
+    used as it is: the same numbers as passing ``raw``, without normalising a large gallery for every call.
 
     query_feats: (Q, D), gallery_feats: (G, D). query_exclude: (Q,) gallery position left out of that query's
     ranking (its own source image), -1 for none. Returns ``(scores, indices)``, each (Q, min(k, G')) where G' is
@@ -145,7 +154,8 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
     rows_per_chunk = max(1, int(max_chunk_elems) // n_gallery)
     with torch.autocast(device_type=device.type, enabled=False), _full_fp32_matmul():
         queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
-        gallery_t = F.normalize(gallery_feats.to(device=device, dtype=torch.float32), dim=1).t()  # (D, G)
+        gallery = gallery_feats.to(device=device, dtype=torch.float32)  # (G, D)
+        gallery_t = (gallery if gallery_normalized else normalize_rows(gallery)).t()  # (D, G)
         exclude = None if query_exclude is None else query_exclude.to(device=device, dtype=torch.long)  # (Q,)
         for start in range(0, n_queries, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_queries)
@@ -426,9 +436,16 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
 
 def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
              device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
-             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
+             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] | None = None, desc: str = "test",
              progress: bool = True) -> OrderedDict[str, float]:
-    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``."""
+    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``; ``ks``
+    default: ``task_ks(task)``."""
     query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
                                              num_workers=num_workers, amp=amp, desc=desc, progress=progress)
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=ks, max_chunk_elems=max_chunk_elems)
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
+                             max_chunk_elems=max_chunk_elems)
+
+
+def task_ks(task: RetrievalTask) -> tuple[int, ...]:
+    """The task's recall cut-offs: ``task.ks``, or the reference's ``DEFAULT_KS``."""
+    return tuple(task.ks) if task.ks else DEFAULT_KS

@@ -185,13 +185,26 @@ def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.ut
         generator=torch.Generator().manual_seed(args.seed))  # own generator: worker seeds leave the global RNG alone
 
 
-def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
-    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them."""
+def evaluate_all(args, model, tasks: dict, device, run: Run | None = None, it: int = 0) -> dict[str, float]:
+    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them.
+
+    With ``run``: the picture of a seeded sample of test queries and their top-5 (``visualize.training_picture``,
+    from the features just computed) goes to TensorBoard as ``test/retrievals`` and to
+    ``<run folder>/retrievals_<it>.png``.
+    """
     out = {}
     for split, (dataset, task) in tasks.items():
-        metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
-                                          num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
+        query_feats, gallery_feats = test_retrieval.encode_task(
+            model, dataset, task, batch_size=args.eval_batch_size, device=device,
+            num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
+        metrics = test_retrieval.retrieval_metrics(task, query_feats, gallery_feats, ks=test_retrieval.task_ks(task))
         out.update({f"{split} {name}": value for name, value in metrics.items()})
+        if split == "test" and run is not None and run.enabled:
+            import visualize
+
+            picture = visualize.training_picture(dataset, task, query_feats, gallery_feats, seed=args.seed)
+            if picture is not None:
+                run.image("test/retrievals", picture, it, f"retrievals_{it}.png")
     if distributed_world()[0] == 0:
         for name, value in out.items():
             print("    ", name, round(value, 4), flush=True)
@@ -273,7 +286,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                     return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
 
                 if eval_due(it) or it == args.num_iters:
-                    metrics = evaluate_all(args, model, tasks, device)
+                    metrics = evaluate_all(args, model, tasks, device, run, it)
                     model.train()
                     run.metrics(metrics, it)
                     score = best_score(metrics, args.best_metric)
