@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import RetrievalTask
-from torch_functions import distributed_world
+from torch_functions import all_gather_rows, distributed_world
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, w
                    device: torch.device) -> torch.Tensor:
     """Scatter this process's feature rows (n, D) to their positions ``index`` (n,) of a (total, D) fp32 tensor.
 
-    With world_size > 1 the rows of all ranks are exchanged first (all_gather, padded to the longest share), so
+    With world_size > 1 the rows of all ranks are exchanged first (all-gathers, padded to the longest share), so
     every rank returns the same complete tensor. A rank with no rows passes ``rows=None``.
     """
     if world_size == 1:
@@ -338,9 +338,8 @@ def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, w
     comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
     n_local = 0 if rows is None else rows.shape[0]
     dim_local = -1 if rows is None else rows.shape[1]
-    sizes = [torch.zeros(2, dtype=torch.long, device=comm_device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([n_local, dim_local], dtype=torch.long, device=comm_device))
-    sizes_t = torch.stack(sizes).cpu()  # (W, 2)
+    sizes = torch.tensor([[n_local, dim_local]], dtype=torch.long, device=comm_device)  # (1, 2)
+    sizes_t = all_gather_rows(sizes).cpu()  # (W, 2)
     n_max, dim = int(sizes_t[:, 0].max()), int(sizes_t[:, 1].max())
     dim = max(dim, 0)
     out = torch.zeros(total, dim, dtype=torch.float32, device=device)
@@ -351,12 +350,8 @@ def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, w
     if rows is not None and n_local:
         padded[:n_local] = rows.float().to(comm_device)
         padded_index[:n_local] = index.to(comm_device)
-    all_rows = [torch.empty_like(padded) for _ in range(world_size)]
-    all_index = [torch.empty_like(padded_index) for _ in range(world_size)]
-    dist.all_gather(all_rows, padded)
-    dist.all_gather(all_index, padded_index)
-    gathered_rows = torch.cat(all_rows).to(device)  # (W * n_max, D)
-    gathered_index = torch.cat(all_index).to(device)  # (W * n_max,)
+    gathered_rows = all_gather_rows(padded).to(device)  # (W * n_max, D)
+    gathered_index = all_gather_rows(padded_index).to(device)  # (W * n_max,)
     valid = gathered_index >= 0
     out[gathered_index[valid]] = gathered_rows[valid]
     return out

@@ -120,6 +120,38 @@ def distributed_world() -> tuple[int, int]:
     return 0, 1
 
 
+def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on every rank -> (W * B, ...) in rank order; not differentiable. Every rank passes the same shape.
+
+    One ``torch.distributed.all_gather_single`` into one output tensor (``all_gather_into_tensor`` where a torch
+    release lacks it; torch 2.14 deprecates that name, and ``torch.distributed.nn.functional.all_gather``, with a
+    FutureWarning).
+    """
+    _, world = distributed_world()
+    x = x.contiguous()
+    out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x)
+    return out
+
+
+class _GatherBatch(torch.autograd.Function):
+    """Differentiable ``all_gather_rows``: the backward gives each rank the sum over all ranks of the gradient of
+    its own rows (an all-reduce of the whole gradient, then this rank's slice: any backend, gloo included)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rows = x.shape[0]
+        return all_gather_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, _ = distributed_world()
+        grad = grad.contiguous().clone()  # all_reduce works in place
+        dist.all_reduce(grad)
+        return grad[rank * ctx.rows:(rank + 1) * ctx.rows]
+
+
 def gather_batch(x: torch.Tensor) -> torch.Tensor:
     """(B_local, ...) -> (B_global, ...) in rank order, differentiable; ``x`` itself in a single process.
 
@@ -129,9 +161,7 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
     _, world = distributed_world()
     if world == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherBatch.apply(x)
 
 
 class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -150,8 +180,6 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         _, world = distributed_world()
         if not self.training or world == 1:
             return super().forward(x)
-        import torch.distributed.nn.functional as dist_fn
-
         c = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in fp32 at least
@@ -161,7 +189,7 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         mean_local = xf.mean(dims)  # (C,)
         m2_local = (xf - mean_local.view([1, c] + [1] * (x.dim() - 2))).pow(2).sum(dims)  # (C,)
         count = torch.full((1,), float(n_local), dtype=torch.float32, device=x.device)
-        stats = torch.stack(dist_fn.all_gather(torch.cat([count, mean_local, m2_local])))  # (W, 2C + 1)
+        stats = gather_batch(torch.cat([count, mean_local, m2_local]).unsqueeze(0))  # (W, 2C + 1)
         counts, means, m2s = stats[:, :1], stats[:, 1:c + 1], stats[:, c + 1:]
         n = counts.sum()
         mean = (counts * means).sum(0) / n  # (C,)

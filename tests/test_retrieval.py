@@ -479,7 +479,8 @@ def test_evaluate_loads_and_encodes_each_image_once_and_matches_direct(monkeypat
         raise AssertionError("single-process evaluation must not call torch.distributed collectives")
 
     monkeypatch.setattr(R, "retrieval_metrics", capture)
-    monkeypatch.setattr(torch.distributed, "all_gather", no_collectives)
+    for name in ("all_gather", "all_gather_single", "all_gather_into_tensor", "all_reduce"):
+        monkeypatch.setattr(torch.distributed, name, no_collectives)
     metrics = R.evaluate(model, dataset, task, batch_size=4, progress=False)
 
     used = set(task.gallery) | set(task.query_source)
