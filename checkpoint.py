@@ -79,3 +79,9 @@ def checkpoint_state(args, model, optimizer, scheduler, it: int, epoch: int, bat
             "batch_in_epoch": batch_in_epoch, "best": best, "rng": rngs, "vocab": vocab, "args": vars(args),
             "format": "composeae-repro/1"}
 
+
+
+def evaluation_state(state: dict) -> dict:
+    """What evaluation needs of a full ``checkpoint_state``: the weights, args, vocabulary and step, without the
+    optimizer, schedule and random states (best_checkpoint.pth; --resume needs a latest_checkpoint.pth)."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

@@ -190,6 +190,12 @@ def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.
     return views, gallery_ids, target_ids
 
 
+def metric_names(task: RetrievalTask, ks: Sequence[int] = DEFAULT_KS) -> list[str]:
+    """The names ``retrieval_metrics`` gives for ``task``, in its order, without computing anything."""
+    groups = task.query_groups if task.query_groups is not None else task.gallery_labels
+    return [f"recall_top{k}_correct_{g}" for k in ks for g in groups]
+
+
 def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
                       ks: Sequence[int] = DEFAULT_KS,
                       max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:

@@ -12,7 +12,8 @@ import torch
 import datasets
 import img_text_composition_models as models
 import test_retrieval
-from checkpoint import checkpoint_state
+from checkpoint import checkpoint_state, evaluation_state
+import runlog
 from runlog import Run
 from torch_functions import UserInputError, distributed_world
 
@@ -186,7 +187,8 @@ def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.ut
 
 
 def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
-    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them."""
+    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them
+    (``print('    ', name, round(value, 4))``; scripts parse these lines)."""
     out = {}
     for split, (dataset, task) in tasks.items():
         metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
@@ -194,8 +196,27 @@ def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
         out.update({f"{split} {name}": value for name, value in metrics.items()})
     if distributed_world()[0] == 0:
         for name, value in out.items():
-            print("    ", name, round(value, 4), flush=True)
+            runlog.echo(" ".join(map(str, ("    ", name, round(value, 4)))))
     return out
+
+
+def metric_names(tasks: dict) -> list[str]:
+    """The '<split> <metric>' names that ``evaluate_all`` gives for ``tasks``, known without evaluating."""
+    return [f"{split} {name}" for split, (_, task) in tasks.items() for name in test_retrieval.metric_names(task)]
+
+
+def best_metric_name(names: list[str], best_metric: str) -> str:
+    """What ``best_score`` reads, by name; an unknown --best_metric is refused (before training starts)."""
+    tests = [n[5:] for n in names if n.startswith("test ")]
+    if best_metric != "auto":
+        if best_metric not in tests:
+            raise UserInputError(f"--best_metric {best_metric}: no such test metric; use auto or one of "
+                                 f"{', '.join(tests)}")
+        return f"test {best_metric}"
+    if "recall_top1_correct_composition" in tests:
+        return "test recall_top1_correct_composition"
+    return "mean test recall_top10 over " + ", ".join(n[len("recall_top10_correct_"):] for n in tests
+                                                      if n.startswith("recall_top10_correct_"))
 
 
 def best_score(metrics: dict[str, float], name: str) -> float:
@@ -252,6 +273,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                 if len(batch["text"]) < 2:  # all but one item had unreadable images: BatchNorm needs 2
                     continue
                 terms = train_step(step_model, batch, optimizer, scheduler, args, device)
+                run.started = True  # from here on, a failure keeps the run folder
                 it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
                 sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
                 progress.update(1)
@@ -279,7 +301,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                     score = best_score(metrics, args.best_metric)
                     if score > best:
                         best = score
-                        run.save("best_checkpoint.pth", state)
+                        run.save("best_checkpoint.pth", lambda: evaluation_state(state()))
                 if it % save_every == 0 or it == args.num_iters:
                     run.save("latest_checkpoint.pth", state)
                 if it >= args.num_iters:
