@@ -190,8 +190,9 @@ def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | 
         args.bert_model = bert_model
     args.compile = False  # an evaluation tool: not worth torch.compile's warm-up
     if not args.use_bert and ckpt.get("vocab") is None and not texts:
-        raise UserInputError(f"{path} is an LSTM checkpoint without a vocabulary (the original code's); pass the "
-                             f"training texts of its dataset to rebuild it")
+        kind = "as the original code's" if "format" not in ckpt else "saved without one"
+        raise UserInputError(f"{path} is an LSTM checkpoint without a vocabulary ({kind}); pass the training texts "
+                             f"of its dataset to rebuild it")
     model, _, _ = build_model(args, device, texts, ckpt, path)
     model.eval()
     return model, args, ckpt

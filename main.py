@@ -242,8 +242,9 @@ def take_checkpoint_settings(args: argparse.Namespace, ckpt: dict, given: set[st
 (an original-code checkpoint: its ``opt`` Namespace, and the original's behaviour for the flags it lacks).
 
     A given flag that differs: with ``resume``, a flag of RUN_SETTINGS is refused (it would change the computation
-    the checkpoint continues); else (--test_only) the given value wins, with one warning per difference. Takes
-    ``--log_dir`` (test_only: the parent of the checkpoint's run folder) as the default place for new outputs.
+    the checkpoint continues); else (--test_only) the given value wins, with one warning per difference.
+    ``--log_dir``, unless given, becomes the folder that holds the checkpoint's run folder (for --test_only of this
+    project's checkpoints: its evaluation folder goes beside the run).
     """
     saved = checkpoint_args(ckpt)
     recorded = set(ckpt["args"] if isinstance(ckpt.get("args"), dict) else vars(ckpt.get("opt", argparse.Namespace())))
@@ -261,8 +262,8 @@ def take_checkpoint_settings(args: argparse.Namespace, ckpt: dict, given: set[st
             raise UserInputError(f"--resume {source} was trained with {theirs}, not {mine}: that would change the "
                                  f"run it continues; drop --{name} (or start a new run from scratch)")
         logger.warning("%s was trained with %s; evaluating with the given %s", source, theirs, mine)
-    if not resume and "log_dir" not in given and isinstance(ckpt.get("args"), dict):
-        args.log_dir = os.path.dirname(os.path.dirname(os.path.abspath(source)))  # beside the checkpoint's run
+    if "log_dir" not in given and (resume or isinstance(ckpt.get("args"), dict)):
+        args.log_dir = os.path.dirname(os.path.dirname(os.path.abspath(source)))  # where the checkpoint's run lies
     if taken:
         logger.info("settings taken from %s: %s", source, " ".join(taken))
     return args

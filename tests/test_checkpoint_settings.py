@@ -164,3 +164,36 @@ def test_resume_from_a_best_checkpoint_is_refused(tirg_lstm_run, tmp_path):
     assert "optimizer" not in checkpoint.read_checkpoint(best)
     with pytest.raises(UserInputError, match="latest_checkpoint.pth"):
         main.prepare_args(*parse(dataset_flags(tirg_lstm_run["data"]) + ["--resume", best]))
+
+
+def test_weights_from_a_checkpoint_fetch_no_imagenet_and_no_bert(tirg_lstm_run, tmp_path, monkeypatch):
+    """A checkpoint trained from ImageNet weights: evaluating or resuming it builds the ResNet without them (the
+    checkpoint holds every weight), and an LSTM checkpoint loads no BERT."""
+    import torchvision
+
+    import factory
+    import text_model
+
+    ckpt = checkpoint.read_checkpoint(latest(tirg_lstm_run))
+    ckpt["args"]["image_weights"] = "imagenet"
+    real = torchvision.models.resnet18
+
+    def resnet18(*a, weights=None, **k):
+        assert weights is None, "fetched ImageNet weights"
+        return real(*a, weights=None, **k)
+
+    def no_bert(*a, **k):
+        raise AssertionError("loaded BERT")
+
+    monkeypatch.setattr(torchvision.models, "resnet18", resnet18)
+    monkeypatch.setattr(text_model, "BertTextEncoder", no_bert)
+    args, given = parse(dataset_flags(tirg_lstm_run["data"]) + ["--test_only", "--model_checkpoint", "x.pth"])
+    args = main.resolve_defaults(main.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=False))
+    assert args.image_weights == "imagenet"  # the record stays; the weights come from the checkpoint
+    model, _, _ = factory.build_model(args, torch.device("cpu"), (), ckpt, "x.pth")
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in ckpt["model_state_dict"].items())
+    path = str(tmp_path / "imagenet_trained.pth")
+    torch.save(ckpt, path)
+    model, _, _ = factory.model_from_checkpoint(path, torch.device("cpu"))
+    assert torch.equal(model.state_dict()["img_model.fc.0.weight"], ckpt["model_state_dict"]["img_model.fc.0.weight"])

@@ -207,3 +207,20 @@ def test_boolean_flags_take_the_bare_form(argv, expected):
 def test_allow_tf32_defaults_to_pytorchs_tf32_and_offers_fp32():
     assert main.parse_args([])[0].allow_tf32 is True
     assert main.parse_args(["--allow_tf32", "False"])[0].allow_tf32 is False
+
+
+@pytest.mark.parametrize("groups", [None, {"dress": [True, False, True], "shirt": [False, True, False]}])
+def test_metric_names_are_known_before_evaluating(groups):
+    """The names that --best_metric is checked against are exactly those the evaluation gives."""
+    import datasets
+    import test_retrieval
+
+    labels = {"composition": ["a", "b", "c"]} if groups else {"composition": ["a x", "b y", "c z"],
+                                                              "adj": ["a", "b", "c"], "noun": ["x", "y", "z"]}
+    targets = {view: [v[2], v[0], v[1]] for view, v in labels.items()}
+    task = datasets.RetrievalTask(image_keys=[0, 1, 2], gallery=[0, 1, 2], query_source=[0, 1, 2],
+                                  query_text=["t", "u", "v"], gallery_labels=labels, query_targets=targets,
+                                  query_groups=groups)
+    g = torch.Generator().manual_seed(0)
+    computed = test_retrieval.retrieval_metrics(task, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
+    assert test_retrieval.metric_names(task) == list(computed)
