@@ -388,8 +388,8 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
             step_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         metrics = train(args, model, optimizer, scheduler, exp.trainset, tasks, run, device, ckpt, step_model)
-    except BaseException:
-        run.abort()
+    except BaseException as exc:
+        run.abort(f"main.py: error: {exc}" if isinstance(exc, (UserInputError, TrainingDiverged)) else "")
         raise
     if run.best is not None:
         logger.info("best %s: %.2f%% at iteration %d; run folder %s", run.best["metric"], 100 * run.best["value"],

@@ -232,10 +232,13 @@ class Run:
             self.writer.file_writer.add_summary(summary)
         self._release()
 
-    def abort(self) -> None:
-        """A run that failed before its first step: its new folder is removed (a resumed run's is kept)."""
+    def abort(self, error: str = "") -> None:
+        """A failed run: ``error`` (the line main.py prints) ends its out.log; a run that failed before its first
+        step has its new folder removed (a resumed run's is kept)."""
         if not self.enabled:
             return
+        if error and getattr(self, "out_log", None) is not None:
+            self.out_log.stream.write(error + "\n")
         self._release()
         if self.created and not self.started:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -587,6 +587,8 @@ def test_nan_loss_stops_with_one_line_naming_the_iteration(data_dir, tmp_path, m
     assert "not finite" in message or "nan" in message.lower()
     ckpt = load(os.path.join(only_run_folder(tmp_path), "latest_checkpoint.pth"))
     assert ckpt["it"] == 2  # the last good one, untouched
+    with open(os.path.join(only_run_folder(tmp_path), "out.log")) as f:
+        assert f.read().splitlines()[-1] == message  # the run's log ends with the error
     assert all(torch.isfinite(v).all() for v in ckpt["model_state_dict"].values() if v.is_floating_point())
     assert not metric_lines(out)
 
