@@ -367,9 +367,9 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
             name = f"eval_{{time}}_{stem}{args.comment}"
         folder, created = run_folder(args, name), True
     if world > 1:  # the folder name holds the time: take rank 0's
-        names_ = [folder]
-        torch.distributed.broadcast_object_list(names_, src=0)
-        folder = names_[0]
+        shared = [folder]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        folder = shared[0]
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
               score=lambda m: best_score(m, args.best_metric), score_name=score_name, early=early)
     try:
