@@ -5,6 +5,7 @@
     python benchmark.py --size full --device cuda --amp --channels_last --image_cache auto --workers 8
     python benchmark.py --size full --model tirg --text lstm --amp --channels_last --image_cache auto
     python benchmark.py --size cpu --profile /tmp/prof                # + torch.profiler trace and top-ops table
+    python benchmark.py --mode retrieve --device cpu --threads 1       # one retrieve.py query, 100,000-row index
 
 Prints ONE JSON object on stdout (everything else goes to stderr): steady-state training samples/s (after warm-up
 iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/s (one full
@@ -128,6 +129,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "channels_last, random 224-px images) at batch 32 and 256: this machine's ceiling", **flag)
     p.add_argument("--report", default="", metavar="DIR",
                    help="print the markdown summary of the gpu_bench.sh results in DIR and exit")
+    p.add_argument("--mode", choices=["train", "retrieve"], default="train",
+                   help="train: training and evaluation throughput; retrieve: one retrieve.py query (encode + "
+                        "ranking) against a --gallery_size index of random features")
+    p.add_argument("--gallery_size", type=int, default=100000, help="--mode retrieve: rows of the index")
+    p.add_argument("--repeats", type=int, default=5, help="--mode retrieve: timed queries (after one untimed)")
+    p.add_argument("--threads", type=int, default=0, help="--mode retrieve: torch CPU threads (0 = torch's default)")
     return p
 
 
@@ -589,6 +596,75 @@ def ceiling_main(a: argparse.Namespace) -> dict:
                             warmup=10 if a.warmup is None else a.warmup, image_size=a.image_size or 224)
 
 
+def retrieve_main(a: argparse.Namespace) -> dict:
+    """--mode retrieve: what ``retrieve.py`` does for one query once its model is built, timed: reading the
+    gallery index (``retrieve.load_index``, here ``--gallery_size`` rows of random features written in its format),
+    encoding the query (JPEG decode, ``retrieve.encode`` = the evaluation's ``encode_task``) and ranking it
+    (``retrieve.rank`` = ``test_retrieval.top_k``). The model has random weights (the cost is the same)."""
+    import numpy as np
+    from PIL import Image
+
+    import retrieve
+
+    if a.gallery_size < 1 or a.repeats < 1 or a.threads < 0:
+        raise main_module.UserInputError("--gallery_size and --repeats must be >= 1, --threads >= 0")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.image_size = a.image_size or 224
+    for key in ("batch_size", "iters", "warmup", "workers"):
+        if getattr(a, key) is None:
+            setattr(a, key, PRESETS[a.size][key])
+    device = factory.pick_device(a.device)
+    os.makedirs(a.data_dir, exist_ok=True)
+    words = synthetic_words()
+    bert_model = resolve_bert(a.bert_model, a.data_dir, words) if a.text == "bert" else a.bert_model
+    args = main_args(a, a.data_dir, bert_model, "", a.device)
+    torch.manual_seed(a.seed)
+    model, _, _ = factory.create_model_and_optimizer(args, words)
+    model.to(device).eval()
+    query_path = os.path.join(a.data_dir, "retrieve_query.jpg")
+    rng = datasets.seeded_rng(a.seed)
+    Image.fromarray(synthetic.render_synthetic_image("circle", "red", a.image_size, rng)).save(query_path)
+    query = [{"path": query_path, "text": "", "image": query_path, "target": None}]
+
+    index_path = os.path.join(a.data_dir, f"retrieve_index_{a.gallery_size}.pt")
+    identity = {"checkpoint_sha256": "random", "image_size": a.image_size, "model": args.model}
+    feats = torch.randn(a.gallery_size, args.image_embed_dim, generator=torch.Generator().manual_seed(a.seed))
+    files = [(f"images/{i:07d}.jpg", 1000 + i, 1_700_000_000_000_000_000 + i) for i in range(a.gallery_size)]
+    retrieve.save_index(index_path, identity, files, test_retrieval.normalize_rows(feats))
+    del feats
+
+    times: dict[str, list[float]] = {"index_load_s": [], "query_encode_s": [], "rank_s": [], "query_s": []}
+    texts = sorted(synthetic.SYNTHETIC_ADJECTIVES)
+    for r in range(a.repeats + 1):
+        # a text not seen before each time: the BERT encoder caches the texts it has encoded
+        query[0]["text"] = f"{texts[r % len(texts)]} {texts[(r // len(texts) + 1) % len(texts)]}"
+        t0 = time.perf_counter()
+        index = retrieve.load_index(index_path, identity)
+        gallery = index["features"].to(device)
+        t1 = time.perf_counter()
+        _, query_feats, _ = retrieve.encode(model, a.image_size, [], query, batch_size=1, device=device,
+                                            num_workers=0)
+        sync(device)
+        t2 = time.perf_counter()
+        hits = retrieve.rank(query_feats.to(device), gallery, 10, torch.tensor([-1]))
+        sync(device)
+        t3 = time.perf_counter()
+        if r:  # the first query is a warm-up
+            for key, value in (("index_load_s", t1 - t0), ("query_encode_s", t2 - t1), ("rank_s", t3 - t2),
+                               ("query_s", t3 - t1)):
+                times[key].append(value)
+        del index, gallery
+    assert len(hits[0]) == 10 and a.repeats + 1 <= len(texts) ** 2
+    return {"mode": "retrieve", "gallery_size": a.gallery_size, "repeats": a.repeats,
+            **{f"median_{k}": float(np.median(v)) for k, v in times.items()},
+            "settings": {"model": args.model, "text_encoder": "bert" if args.use_bert else "lstm",
+                         "bert_model": a.bert_model if args.use_bert else None, "image_size": a.image_size,
+                         "feature_dim": args.image_embed_dim, "device": str(device),
+                         "device_name": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Summary of a tools/gpu_bench.sh output folder
 BENCH_ROWS = [  # file stem, label, reference key, target
@@ -746,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
         try:
-            result = ceiling_main(a) if a.ceiling else run(a)
+            result = ceiling_main(a) if a.ceiling else retrieve_main(a) if a.mode == "retrieve" else run(a)
         except main_module.UserInputError as exc:
             print(f"benchmark.py: error: {exc}", file=sys.stderr)
             return 2

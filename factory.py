@@ -47,8 +47,8 @@ def init_distributed(args) -> torch.device:
 
 
 def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = None):
-    """The model and the original's SGD: ``img_model.fc`` at the learning rate, the rest of the ResNet at 0.1x,
-    everything else at 1x; momentum 0.9; the rate x0.1 every --learning_rate_decay_frequency iterations."""
+    """The model and the original's SGD: ``img_model.fc`` at the learning rate, the rest of the ResNet at 0.1x
+    (1x on CSS3D, as TIRG), everything else at 1x; momentum 0.9; the rate x0.1 every --learning_rate_decay_frequency iterations."""
     if args.use_bert:
         encoder = text_model.build_text_encoder("bert", bert_model=args.bert_model)
     else:
@@ -64,7 +64,9 @@ def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = 
     seen |= {id(p) for p in body}
     rest = [p for p in model.parameters() if id(p) not in seen]
     lr = args.learning_rate
-    groups = [{"params": fc, "lr": lr}, {"params": body, "lr": 0.1 * lr}, {"params": rest, "lr": lr}]
+    # TIRG trains the whole model at the full rate on CSS3D (its main.py: the 0.1x body only on the real photos)
+    body_lr = lr if args.dataset == "css3d" else 0.1 * lr
+    groups = [{"params": fc, "lr": lr}, {"params": body, "lr": body_lr}, {"params": rest, "lr": lr}]
     # fused=None lets PyTorch pick its fastest implementation (foreach on CUDA); the math is plain SGD either way
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     freq = args.learning_rate_decay_frequency
@@ -89,21 +91,58 @@ def place_model(args, model, device: torch.device):
 
 
 
-def build_datasets(args) -> tuple:
-    """``(trainset, testset)`` of ``--dataset`` under ``--dataset_path`` with the run's image settings."""
+def build_splits(args) -> dict:
+    """``{'train', 'test'[, 'val']}`` datasets of ``--dataset`` under ``--dataset_path`` with the run's image
+    settings (a 'val' split with ``--select_on val``, see ``datasets.build_splits``)."""
     import datasets
 
-    return datasets.build_datasets(
+    return datasets.build_splits(
         args.dataset, args.dataset_path, image_size=args.image_size, use_complete_text_query=args.use_complete_text_query,
         category=args.category_to_train, seed=args.seed, image_cache=args.image_cache or None,
-        exclude_source_adj=args.exclude_source_adj)
+        exclude_source_adj=args.exclude_source_adj, fashioniq_protocol=getattr(args, "fashioniq_protocol", "composeae"),
+        select_on=getattr(args, "select_on", "test"), val_nouns=getattr(args, "val_nouns", 0))
 
 
-def build_tasks(args, trainset, testset) -> dict:
+def build_datasets(args) -> tuple:
+    """``(trainset, testset)`` of ``--dataset`` under ``--dataset_path`` with the run's image settings."""
+    splits = build_splits(args)
+    return splits["train"], splits["test"]
+
+
+def cirr_test1(args):
+    """CIRR's test1 split with the run's image settings (no public targets: for the server's files)."""
+    import datasets
+
+    return datasets.CIRR(args.dataset_path, "test1", image_size=args.image_size, seed=args.seed,
+                         image_cache=args.image_cache or None)
+
+
+def build_tasks(args, trainset, testset, valset=None) -> dict:
     """The fixed retrieval benchmarks, ``{split: (dataset, RetrievalTask)}``: a seeded sample of
-    ``--train_eval_queries`` training queries and the test split's queries."""
-    return {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed)),
-            "test": (testset, testset.test_task())}
+    ``--train_eval_queries`` training queries, the validation split's queries (``--select_on val``) and the test
+    split's queries (left out where the test split has no public targets: CIRR's test1, scored by its server)."""
+    tasks = {"train": (trainset, trainset.train_task(args.train_eval_queries, args.seed))}
+    if valset is not None:
+        tasks["val"] = (valset, valset.test_task())
+    if getattr(testset, "labelled", True):
+        tasks["test"] = (testset, testset.test_task())
+    return tasks
+
+
+COMPLETE_QUERY_TEXT = "complete (holds the target label)"
+
+
+def run_info(args) -> dict:
+    """What metrics.json records beside the numbers, to say what they are comparable with; warns (once, at the
+    start) when the query text holds the target's label."""
+    info = {"dataset": args.dataset, "select_on": getattr(args, "select_on", "test")}
+    if args.dataset == "fashionIQ":
+        info["fashioniq_protocol"] = getattr(args, "fashioniq_protocol", "composeae")
+    if args.use_complete_text_query and args.dataset in ("mitstates", "fashion200k"):
+        logger.warning("--use_complete_text_query True: the query text holds the target's label (on %s the whole "
+                       "target caption), so these recalls are not comparable with TIRG's protocol", args.dataset)
+        info["query_text"] = COMPLETE_QUERY_TEXT
+    return info
 
 
 def load_weights(model, ckpt: dict, source: str) -> None:
@@ -138,6 +177,7 @@ class Experiment:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     tasks: dict  # {split: (dataset, RetrievalTask)}
+    valset: Any = None  # --select_on val: the split that picks best_checkpoint.pth
 
 
 def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dict | None = None,
@@ -163,12 +203,15 @@ def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dic
 
 
 def build_experiment(args, device: torch.device, ckpt: dict | None = None, source: str = "") -> Experiment:
-    """Datasets (``build_datasets``), model, optimizer and schedule (``build_model``, weights from ``ckpt`` when
+    """Datasets (``build_splits``), model, optimizer and schedule (``build_model``, weights from ``ckpt`` when
     given) and the retrieval tasks (``build_tasks``) for ``args``."""
-    trainset, testset = build_datasets(args)
-    logger.info("trainset size: %d, testset size: %d", len(trainset), len(testset))
+    splits = build_splits(args)
+    trainset, testset, valset = splits["train"], splits["test"], splits.get("val")
+    logger.info("trainset size: %d, testset size: %d%s", len(trainset), len(testset),
+                f", valset size: {len(valset)}" if valset is not None else "")
     model, optimizer, scheduler = build_model(args, device, trainset.get_all_texts(), ckpt, source)
-    return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset))
+    return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset, valset),
+                      valset)
 
 
 def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,

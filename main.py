@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from typing import Sequence
@@ -23,10 +24,12 @@ import torch
 
 import img_text_composition_models as models
 from checkpoint import read_checkpoint, set_rng_state
-from factory import build_experiment, init_distributed
+from datasets import DATASET_NAMES, FASHION_IQ_PROTOCOLS, SELECT_ON
+from factory import build_experiment, init_distributed, run_info
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, run_folder
 from torch_functions import LOSS_NAMES, UserInputError, distributed_world
-from training import TrainingDiverged, best_metric_name, best_score, evaluate_all, metric_names, train
+from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
+                      metric_names, train)
 
 logger = logging.getLogger("main")
 
@@ -86,8 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", type=str, default="", help="ignored (lets the original run inside Jupyter)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=str, default="synthetic", choices=["mitstates", "fashion200k", "fashionIQ", "synthetic"],
-                   help="dataset, in its published layout under --dataset_path")
+    g.add_argument("--dataset", type=str, default="synthetic", choices=list(DATASET_NAMES),
+                   help="dataset, in its published layout under --dataset_path; triplets = your own "
+                        "DIR/triplets.csv (source,text,target,split)")
     g.add_argument("--dataset_path", type=str, default=None, help="dataset folder" + syn.format("data/synthetic"))
     g.add_argument("--category_to_train", type=str, default="all", choices=["all", "dress", "shirt", "toptee"],
                    help="Fashion IQ category")
@@ -96,6 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="MIT-States training targets never take the source's own adjective (the original allowed it)")
     g.add_argument("--loader_num_workers", type=int, default=None, help="data loader processes (default: 4)" + syn.format(0))
     g.add_argument("--image_cache", type=str, default="", help="folder for the decode-once uint8 image cache ('' = off)")
+    g.add_argument("--val_nouns", type=int, default=0,
+                   help="MIT-States with --select_on val: N training nouns held out (seeded) as the validation split")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", type=str, default="composeAE", choices=list(models.MODELS), help="composition model")
@@ -143,6 +149,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--best_metric", type=str, default="auto",
                    help="test metric that picks best_checkpoint.pth; auto = recall_top1_correct_composition, or the "
                         "mean recall_top10 over Fashion IQ categories")
+    g.add_argument("--select_on", type=str, default="test", choices=list(SELECT_ON),
+                   help="split that picks best_checkpoint.pth: test = the original codes' selection on the test "
+                        "split; val = a validation split, with the test split evaluated once for the best checkpoint")
+    g.add_argument("--fashioniq_protocol", type=str, default="composeae", choices=list(FASHION_IQ_PROTOCOLS),
+                   help="composeae = the original's (one gallery over the categories, recall@1..100); standard = "
+                        "CLIP4Cir's (per-category galleries, R@10 / R@50 and their mean)")
+    g.add_argument("--submission_dir", type=str, default="",
+                   help="CIRR: write the test1 prediction files of the CIRR server here (with --test_only True, or "
+                        "after training with --select_on val)")
 
     g = p.add_argument_group("checkpoints and logging")
     g.add_argument("--log_dir", type=str, default=None,
@@ -195,6 +210,17 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                              "batch's text lengths, so its step cannot be captured; drop --cuda_graph for the LSTM")
     if args.cuda_graph and args.compile:
         raise UserInputError("--cuda_graph True and --compile True cannot be combined; pick one")
+    if args.submission_dir:
+        if args.dataset != "cirr":
+            raise UserInputError(f"--submission_dir writes CIRR test1 predictions; --dataset is {args.dataset}")
+        if not args.test_only and args.select_on != "val":
+            raise UserInputError("--submission_dir writes the test1 predictions of --test_only True, or of the best "
+                                 "checkpoint after training with --select_on val; pass one of them")
+    elif args.dataset == "cirr" and args.select_on == "val" and not args.test_only:
+        raise UserInputError("--select_on val on CIRR makes test1 the test split, which only the CIRR server scores: "
+                             "pass --submission_dir DIR for its prediction files")
+    if args.val_nouns < 0:
+        raise UserInputError(f"--val_nouns must be >= 0, got {args.val_nouns}")
     return args
 
 
@@ -205,7 +231,8 @@ RUN_SETTINGS = (
     "loss", "loss_weights", "triplet_grad_scale",  # loss
     "dataset", "category_to_train", "exclude_source_adj",  # data
     "learning_rate", "learning_rate_decay_frequency", "weight_decay", "batch_size", "seed",  # training
-    "fuse_image_passes", "amp", "best_metric",  # numerics and the choice of best_checkpoint.pth
+    "fuse_image_passes", "amp", "best_metric", "select_on", "val_nouns",  # numerics; the choice of the best
+    "fashioniq_protocol",  # the evaluation protocol
 )
 # Also taken when not given, but free to change on --resume: they decide how a run is executed or observed.
 OBSERVATION_SETTINGS = ("num_iters", "eval_every", "save_every", "log_every", "train_eval_queries", "dataset_path",
@@ -314,6 +341,10 @@ def datasets_names() -> tuple[str, ...]:
 def eval_splits(args, tasks: dict) -> dict:
     """The tasks that --test_only evaluates (--eval_splits, in the original's order: train before test)."""
     names = [s.strip() for s in args.eval_splits.split(",") if s.strip()]
+    if names == ["test"] and "test" not in tasks:  # no public test targets (CIRR's test1): the validation split
+        names = [s for s in ("val",) if s in tasks]
+        if not names:
+            return {}
     unknown = [s for s in names if s not in tasks]
     if unknown or not names:
         raise UserInputError(f"--eval_splits {args.eval_splits}: use a comma-separated list of {', '.join(tasks)}")
@@ -343,12 +374,14 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
         raise UserInputError(f"--cuda_graph True needs one process on a CUDA device (here: {device.type}, "
                              f"{world} process{'es' if world > 1 else ''}); drop --cuda_graph")
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    info = run_info(args)  # warns now when the numbers are not comparable with the papers' protocol
     exp = build_experiment(args, device, ckpt, source)
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
     if args.test_only:
         tasks = eval_splits(args, tasks)
     names = metric_names(exp.tasks)
-    score_name = best_metric_name(names, args.best_metric)  # a bad --best_metric stops here, before any step
+    # a bad --best_metric stops here, before any step
+    score_name = best_metric_name(names, args.best_metric, args.select_on) if not args.test_only else ""
     if ckpt is not None and not args.test_only:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -370,15 +403,27 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
         shared = [folder]
         torch.distributed.broadcast_object_list(shared, src=0)
         folder = shared[0]
+
+    def score(metrics: dict) -> float:  # the selection score of an evaluation; NaN where it lacks the split
+        if not any(k.startswith(f"{args.select_on} ") for k in metrics):
+            return math.nan
+        return best_score(metrics, args.best_metric, args.select_on)
+
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
-              score=lambda m: best_score(m, args.best_metric), score_name=score_name, early=early)
+              score=None if args.test_only else score, score_name=score_name, early=early)
+    run.info.update(info)
     try:
         logger.info("log files saved to %s", folder)
         if args.test_only:
-            metrics = evaluate_all(args, model, tasks, device)
-            run.started = True
             it = int(ckpt.get("it", 0))
+            metrics = evaluate_all(args, model, tasks, device, run, it)
+            run.started = True
             run.metrics(metrics, it)
+            if args.submission_dir:
+                import cirr_submission
+                from factory import cirr_test1
+
+                cirr_submission.write_test1_submission(args, model, cirr_test1(args), device)
             run.close(metrics, it)
             return 0
         if ckpt is not None:
@@ -388,6 +433,8 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
             step_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         metrics = train(args, model, optimizer, scheduler, exp.trainset, tasks, run, device, ckpt, step_model)
+        if args.select_on == "val":
+            metrics = evaluate_best_on_test(args, model, tasks, exp.testset, run, device)
     except BaseException as exc:
         run.abort(f"main.py: error: {exc}" if isinstance(exc, (UserInputError, TrainingDiverged)) else "")
         raise

@@ -1,5 +1,5 @@
-"""Run folders and what a run writes into them: ``args.json``, ``out.log``, TensorBoard events, ``metrics.json``
-and checkpoints, and the console lines (the original's metric lines and a summary table)."""
+"""Run folders and what a run writes into them: ``args.json``, ``out.log``, TensorBoard scalars and images,
+``metrics.json`` and checkpoints, and the console lines (the original's metric lines and a summary table)."""
 from __future__ import annotations
 
 import json
@@ -148,6 +148,7 @@ class Run:
         self.history: list[dict] = []
         self.best: dict | None = None
         self.started = False
+        self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -167,12 +168,12 @@ class Run:
                 self.history = json.load(f).get("history", [])
             for entry in self.history:
                 self._update_best(entry)
-        self.info = {"args": {k: v for k, v in vars(args).items()}, "git_commit": git_commit(),
-                     "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
-                     "device_name": _device_name(device), "host": socket.gethostname(), "command": sys.argv}
-        write_json(os.path.join(folder, "args.json"), self.info)
+        self.record = {"args": {k: v for k, v in vars(args).items()}, "git_commit": git_commit(),
+                       "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
+                       "device_name": _device_name(device), "host": socket.gethostname(), "command": sys.argv}
+        write_json(os.path.join(folder, "args.json"), self.record)
         self.writer = SummaryWriter(folder)
-        self.writer.add_text("args", args_table(self.info))
+        self.writer.add_text("args", args_table(self.record))
         self.writer.add_custom_scalars(custom_layout(metric_names))
 
     # -- TensorBoard tags: loss/<term>, lr, <split>/<metric>
@@ -200,12 +201,23 @@ class Run:
         for name, value in metrics.items():
             split, _, metric = name.partition(" ")
             self.writer.add_scalar(f"{split}/{metric}", value, it)
-        data = {"latest": self.history[-1], "history": self.history}
+        data = {**self.info, "latest": self.history[-1], "history": self.history}
         if self.best is not None:
             data["best"] = self.best
         write_json(os.path.join(self.folder, "metrics.json"), data)
         for line in summary_table(metrics, it, self.best):
             echo(line)
+
+    def image(self, tag: str, picture, it: int, file_name: str = "") -> None:
+        """A PIL image to TensorBoard under ``tag`` at step ``it`` and, with ``file_name``, atomically to
+        <run folder>/<file_name> as PNG (rank 0 only)."""
+        if not self.enabled:
+            return
+        import numpy as np
+
+        self.writer.add_image(tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
+        if file_name:
+            atomic_write(os.path.join(self.folder, file_name), lambda f: picture.save(f, format="PNG"))
 
     def save(self, name: str, state_fn) -> None:
         """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn)."""
@@ -222,7 +234,10 @@ class Run:
 
         scores = {}
         if final:
-            best_entry = max(self.history, key=lambda e: self.score(e)) if self.score and self.history else final
+            # the test numbers of the best iteration (with --select_on val: the test evaluation of best_checkpoint)
+            best_entries = [e for e in self.history if self.best and e["it"] == self.best["it"]
+                            and any(k.startswith("test ") for k in e)]
+            best_entry = best_entries[-1] if best_entries else final
             for k in (1, 10):
                 scores[f"hparam/test_R@{k}_final"] = headline_recall(final, "test", k)
                 scores[f"hparam/test_R@{k}_best"] = headline_recall(best_entry, "test", k)

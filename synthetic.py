@@ -282,3 +282,52 @@ def generate_synthetic(path: str, seed: int = 0, image_size: int = 64, n_train_n
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The same data as your own triplets (datasets.Triplets)
+# ----------------------------------------------------------------------------------------------------------------
+
+_TRIPLETS_TAG = (1 << 40) + 4
+
+
+def write_triplets_csv(path: str, seed: int = 0, **params: Any) -> str:
+    """Writes the synthetic dataset (``generate_synthetic(path, seed, **params)``) and ``<path>/triplets.csv``
+    listing it as triplets (``--dataset triplets``); returns the CSV's path.
+
+    Every image is the source of rows: a training image of one row, towards another adjective of its noun; a test
+    image of one row per other adjective of its noun (the MIT-States test queries). Each row's target is one
+    seeded image of the target class, the text the target adjective; paths are relative to ``path``.
+    """
+    from datasets import TRIPLETS_COLUMNS, TRIPLETS_FILE
+    from checkpoint import atomic_write
+
+    generate_synthetic(path, seed=seed, **params)
+    images = os.path.join(path, "images")
+    classes: dict[str, dict[str, list[str]]] = {}  # noun -> adj -> relative image paths
+    for folder in sorted(os.listdir(images)):
+        adj, noun = folder.split()
+        files = sorted(f for f in os.listdir(os.path.join(images, folder)) if f.endswith(".jpg"))
+        classes.setdefault(noun, {})[adj] = [f"images/{folder}/{f}" for f in files]
+    rows = []
+    for n, (noun, adjs) in enumerate(classes.items()):
+        split = "test" if noun in SYNTHETIC_TEST_NOUNS else "train"
+        for a, (adj, files) in enumerate(adjs.items()):
+            others = [x for x in adjs if x != adj]
+            for i, source in enumerate(files):
+                rng = _rng(seed, n, a, i, _TRIPLETS_TAG)
+                targets = others if split == "test" else [others[int(rng.integers(len(others)))]]
+                for target_adj in targets:
+                    target_files = adjs[target_adj]
+                    rows.append((source, target_adj, target_files[int(rng.integers(len(target_files)))], split))
+    csv_path = os.path.join(path, TRIPLETS_FILE)
+
+    def write(f) -> None:
+        import csv
+
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(TRIPLETS_COLUMNS)
+        w.writerows(rows)
+
+    atomic_write(csv_path, write, mode="w")
+    return csv_path

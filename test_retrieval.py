@@ -122,10 +122,19 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
     return ranks
 
 
+def normalize_rows(feats: torch.Tensor) -> torch.Tensor:
+    """(N, D) rows L2-normalised in fp32 as the ranking normalises them (a zero row stays zero)."""
+    return F.normalize(feats.float(), dim=1)
+
+
 def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_exclude: torch.Tensor | None = None,
-          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
+          max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
+          gallery_normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best gallery items of every query, as the evaluation ranks them: cosine similarity of the
     L2-normalised features in fp32, descending, ties to the lower gallery index (a stable sort).
+
+    ``gallery_normalized``: ``gallery_feats`` is already ``normalize_rows(raw)`` (e.g. a stored index), so it is
+    used as it is: the same numbers as passing ``raw``, without normalising a large gallery for every call.
 
     query_feats: (Q, D), gallery_feats: (G, D). query_exclude: (Q,) gallery position left out of that query's
     ranking (its own source image), -1 for none. Returns ``(scores, indices)``, each (Q, min(k, G')) where G' is
@@ -145,7 +154,8 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
     rows_per_chunk = max(1, int(max_chunk_elems) // n_gallery)
     with torch.autocast(device_type=device.type, enabled=False), _full_fp32_matmul():
         queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
-        gallery_t = F.normalize(gallery_feats.to(device=device, dtype=torch.float32), dim=1).t()  # (D, G)
+        gallery = gallery_feats.to(device=device, dtype=torch.float32)  # (G, D)
+        gallery_t = (gallery if gallery_normalized else normalize_rows(gallery)).t()  # (D, G)
         exclude = None if query_exclude is None else query_exclude.to(device=device, dtype=torch.long)  # (Q,)
         for start in range(0, n_queries, rows_per_chunk):
             stop = min(start + rows_per_chunk, n_queries)
@@ -190,10 +200,18 @@ def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.
     return views, gallery_ids, target_ids
 
 
-def metric_names(task: RetrievalTask, ks: Sequence[int] = DEFAULT_KS) -> list[str]:
-    """The names ``retrieval_metrics`` gives for ``task``, in its order, without computing anything."""
+def metric_names(task: RetrievalTask) -> list[str]:
+    """The names ``task_metrics`` gives for ``task`` (its protocol), in its order, without computing anything."""
+    if task.protocol == "cirr":
+        names = [f"recall_top{k}_correct_composition" for k in CIRR_KS]
+        if task.query_subsets is not None:
+            names += [f"recall_subset_top{k}_correct_composition" for k in CIRR_SUBSET_KS]
+        return names
+    if task.protocol == "fashioniq_standard":
+        return [name for k in FASHIONIQ_STANDARD_KS
+                for name in [*(f"recall_top{k}_correct_{g}" for g in task.query_groups), f"recall_top{k}_correct_mean"]]
     groups = task.query_groups if task.query_groups is not None else task.gallery_labels
-    return [f"recall_top{k}_correct_{g}" for k in ks for g in groups]
+    return [f"recall_top{k}_correct_{g}" for k in task_ks(task) for g in groups]
 
 
 def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
@@ -437,9 +455,193 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
 
 def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
              device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
-             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] = DEFAULT_KS, desc: str = "test",
+             max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, ks: Sequence[int] | None = None, desc: str = "test",
              progress: bool = True) -> OrderedDict[str, float]:
-    """Recall@k of ``model`` on ``task``: ``retrieval_metrics`` of the features of ``encode_task``."""
+    """Recall@k of ``model`` on ``task``: the metrics of ``task.protocol`` (``task_metrics``) of the features of
+    ``encode_task``; ``ks`` (the TIRG protocol's cut-offs) default: ``task_ks(task)``."""
     query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
                                              num_workers=num_workers, amp=amp, desc=desc, progress=progress)
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=ks, max_chunk_elems=max_chunk_elems)
+    if task.protocol != "tirg":
+        return task_metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems)
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
+                             max_chunk_elems=max_chunk_elems)
+
+
+def task_ks(task: RetrievalTask) -> tuple[int, ...]:
+    """The task's recall cut-offs: ``task.ks``, or the reference's ``DEFAULT_KS``."""
+    return tuple(task.ks) if task.ks else DEFAULT_KS
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Single-target protocols of later work (CIRR, the standard Fashion IQ protocol), pure functions
+# ----------------------------------------------------------------------------------------------------------------
+
+CIRR_KS: tuple[int, ...] = (1, 5, 10, 50)  # CIRR's Recall@K (Liu et al., ICCV 2021, Sec. 5)
+CIRR_SUBSET_KS: tuple[int, ...] = (1, 2, 3)  # CIRR's Recall_subset@K over the img_set members
+FASHIONIQ_STANDARD_KS: tuple[int, ...] = (10, 50)  # R@10 and R@50 of CLIP4Cir and its successors
+
+
+def target_ranks_from_sims(sims: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
+                           candidates: torch.Tensor | None = None, exclude_mode: str = "removed") -> torch.Tensor:
+    """0-based rank of each query's one target item in its similarity row.
+
+    sims: (Q, G) similarities; targets: (Q,) gallery position of the target, -1 for none (rank = number of
+    candidates: never a hit). exclude: (Q,) gallery position taken out of the query's ranking (its reference image),
+    -1 for none. ``exclude_mode``: ``'removed'`` (CIRR: the item is not in the ranking at all, so a target equal to
+    it is never found) or ``'last'`` (TIRG: the item stays, ranked after every other one).
+    candidates: (Q, M) gallery positions that make up each query's ranking (CIRR's subset: the img_set members
+    other than the reference), -1 for padding; None = the whole gallery.
+
+    Ranking by descending similarity, ties to the lower gallery position (a stable sort of ``-sims``). Returns a
+    LongTensor (Q,) on ``sims.device``.
+    """
+    if exclude_mode not in ("removed", "last"):
+        raise ValueError(f"exclude_mode must be 'removed' or 'last', got {exclude_mode!r}")
+    n_queries, n_gallery = sims.shape
+    device = sims.device
+    sims = sims.float().clone()  # (Q, G)
+    targets = targets.to(device=device, dtype=torch.long)  # (Q,)
+    rows = torch.arange(n_queries, device=device)  # (Q,)
+    if candidates is None:
+        candidates = torch.arange(n_gallery, device=device).expand(n_queries, n_gallery)  # (Q, G) a view
+    candidates = candidates.to(device=device, dtype=torch.long)  # (Q, M)
+    valid = candidates >= 0  # (Q, M)
+    if exclude is not None:
+        exclude = exclude.to(device=device, dtype=torch.long)  # (Q,)
+        is_excluded = (candidates == exclude.unsqueeze(1)) & (exclude.unsqueeze(1) >= 0)  # (Q, M)
+        if exclude_mode == "removed":
+            valid = valid & ~is_excluded
+        else:
+            cols = exclude.clamp_min(0)
+            sims[rows, cols] = torch.where(exclude >= 0, float("-inf"), sims[rows, cols])
+    cand_sims = sims.gather(1, candidates.clamp_min(0))  # (Q, M)
+    is_target = (candidates == targets.unsqueeze(1)) & valid & (targets.unsqueeze(1) >= 0)  # (Q, M)
+    found = is_target.any(dim=1)  # (Q,)
+    t_sim = torch.where(is_target, cand_sims, float("-inf")).amax(dim=1, keepdim=True)  # (Q, 1)
+    before = valid & ((cand_sims > t_sim) | ((cand_sims == t_sim) & (candidates < targets.unsqueeze(1))))  # (Q, M)
+    n_valid = valid.sum(dim=1)  # (Q,)
+    return torch.where(found, before.sum(dim=1), n_valid)
+
+
+def _similarities(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities (Q, G) of L2-normalised rows, in full fp32 (a zero row stays zero)."""
+    with torch.autocast(device_type=query_feats.device.type, enabled=False), _full_fp32_matmul():
+        queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
+        gallery = F.normalize(gallery_feats.to(device=query_feats.device, dtype=torch.float32), dim=1)  # (G, D)
+        return queries @ gallery.t()  # (Q, G)
+
+
+def _target_positions(task: RetrievalTask, view: str = "image") -> torch.Tensor:
+    """(Q,) gallery position of each query's target label (its first occurrence), -1 where it is absent."""
+    first: dict[Any, int] = {}
+    for g, label in enumerate(task.gallery_labels[view]):
+        first.setdefault(label, g)
+    return torch.tensor([first.get(t, -1) for t in task.query_targets[view]], dtype=torch.long)
+
+
+def _query_chunks(n_queries: int, n_columns: int, max_chunk_elems: int) -> Iterator[tuple[int, int]]:
+    step = max(1, int(max_chunk_elems) // max(1, n_columns))
+    for start in range(0, n_queries, step):
+        yield start, min(start + step, n_queries)
+
+
+def cirr_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
+                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
+    """CIRR's official validation protocol (Liu et al., ICCV 2021; the CIRR repository's evaluation).
+
+    The gallery is every image of the split, the reference image is removed from its own ranking
+    (``task.query_exclude``), the hit is ``target_hard`` (``task.query_targets['image']``):
+    ``recall_top{1,5,10,50}_correct_composition``. ``recall_subset_top{1,2,3}_correct_composition``: the same
+    similarities ranked over ``task.query_subsets`` only (the img_set members other than the reference).
+    """
+    n_queries = len(task.query_source)
+    targets = _target_positions(task)  # (Q,)
+    exclude = torch.tensor(task.query_exclude if task.query_exclude is not None else [-1] * n_queries)  # (Q,)
+    width = max((len(s) for s in task.query_subsets or []), default=0)
+    subsets = torch.full((n_queries, width), -1, dtype=torch.long)  # (Q, M)
+    for q, members in enumerate(task.query_subsets or []):
+        subsets[q, :len(members)] = torch.tensor(members, dtype=torch.long)
+    ranks, subset_ranks = [], []
+    for start, stop in _query_chunks(n_queries, len(task.gallery), max_chunk_elems):
+        sims = _similarities(query_feats[start:stop], gallery_feats)  # (C, G)
+        ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop]).cpu())
+        if task.query_subsets is not None:
+            subset_ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop],
+                                                       subsets[start:stop].to(sims.device)).cpu())
+    out: OrderedDict[str, float] = OrderedDict()
+    all_ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
+    for k, r in recall_at_k(all_ranks, CIRR_KS).items():
+        out[f"recall_top{k}_correct_composition"] = r
+    if task.query_subsets is not None:
+        all_subset = torch.cat(subset_ranks) if subset_ranks else torch.empty(0, dtype=torch.long)
+        for k, r in recall_at_k(all_subset, CIRR_SUBSET_KS).items():
+            out[f"recall_subset_top{k}_correct_composition"] = r
+    return out
+
+
+def fashioniq_standard_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
+                               max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
+    """The Fashion IQ protocol of CLIP4Cir (Baldrati et al., CVPRW 2022 / TOMM 2023, ``validate.py``) and its
+    successors: the queries of each category are ranked against that category's val images only
+    (``task.gallery_groups``), the hit is the target image, and the reference image is NOT removed (CLIP4Cir does
+    not remove it; papers that remove it report different numbers). ``recall_top{10,50}_correct_<category>`` and
+    their mean over the categories, ``recall_top{10,50}_correct_mean``.
+    """
+    if task.query_groups is None or task.gallery_groups is None:
+        raise ValueError("the standard Fashion IQ protocol needs query_groups and gallery_groups")
+    labels = task.gallery_labels["image"]
+    out: OrderedDict[str, float] = OrderedDict()
+    per_group: dict[str, dict[int, float]] = {}
+    for group, members in task.query_groups.items():
+        g_mask = torch.tensor(task.gallery_groups[group], dtype=torch.bool)  # (G,)
+        q_idx = torch.nonzero(torch.tensor(members, dtype=torch.bool)).flatten()  # (Qc,)
+        g_idx = torch.nonzero(g_mask).flatten()  # (Gc,)
+        where = {}
+        for local, g in enumerate(g_idx.tolist()):
+            where.setdefault(labels[g], local)
+        targets = torch.tensor([where.get(task.query_targets["image"][q], -1) for q in q_idx.tolist()],
+                               dtype=torch.long)  # (Qc,) position in this group's gallery
+        ranks = []
+        group_gallery = gallery_feats[g_idx.to(gallery_feats.device)]  # (Gc, D)
+        for start, stop in _query_chunks(len(q_idx), len(g_idx), max_chunk_elems):
+            sims = _similarities(query_feats[q_idx[start:stop].to(query_feats.device)], group_gallery)  # (C, Gc)
+            ranks.append(target_ranks_from_sims(sims, targets[start:stop]).cpu())
+        per_group[group] = recall_at_k(torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long),
+                                       FASHIONIQ_STANDARD_KS)
+    for k in FASHIONIQ_STANDARD_KS:
+        for group in task.query_groups:
+            out[f"recall_top{k}_correct_{group}"] = per_group[group][k]
+        out[f"recall_top{k}_correct_mean"] = sum(per_group[g][k] for g in per_group) / max(1, len(per_group))
+    return out
+
+
+def task_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
+                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
+    """The metrics of ``task.protocol``: ``'tirg'`` (``retrieval_metrics``, at ``task.ks`` when given),
+    ``'cirr'`` (``cirr_metrics``) or ``'fashioniq_standard'`` (``fashioniq_standard_metrics``)."""
+    if task.protocol == "cirr":
+        return cirr_metrics(task, query_feats, gallery_feats, max_chunk_elems)
+    if task.protocol == "fashioniq_standard":
+        return fashioniq_standard_metrics(task, query_feats, gallery_feats, max_chunk_elems)
+    if task.protocol != "tirg":
+        raise ValueError(f"unknown retrieval protocol {task.protocol!r}")
+    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task), max_chunk_elems=max_chunk_elems)
+
+
+def ranked_names(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
+                 subset_k: int, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[list[list], list[list]]:
+    """Per query, the ``k`` best gallery labels with the reference removed (``top_k`` with its exclusion), and the
+    ``subset_k`` best of ``task.query_subsets`` (the CIRR test-server submission's two lists)."""
+    labels = task.gallery_labels["image"]
+    exclude = torch.tensor(task.query_exclude, dtype=torch.long) if task.query_exclude is not None else None
+    _, idx = top_k(query_feats, gallery_feats, k, exclude, max_chunk_elems)  # (Q, k)
+    top = [[labels[i] for i in row] for row in idx.tolist()]
+    subset_top = []
+    for start, stop in _query_chunks(len(task.query_source), len(task.gallery), max_chunk_elems):
+        sims = _similarities(query_feats[start:stop], gallery_feats).cpu()  # (C, G)
+        for c, q in enumerate(range(start, stop)):
+            members = sorted(m for m in task.query_subsets[q] if exclude is None or m != int(exclude[q]))
+            member_sims = sims[c, torch.tensor(members, dtype=torch.long)] if members else torch.empty(0)
+            order = torch.sort(member_sims, descending=True, stable=True).indices[:subset_k].tolist()
+            subset_top.append([labels[members[i]] for i in order])
+    return top, subset_top

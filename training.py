@@ -186,14 +186,27 @@ def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.ut
         generator=torch.Generator().manual_seed(args.seed))  # own generator: worker seeds leave the global RNG alone
 
 
-def evaluate_all(args, model, tasks: dict, device) -> dict[str, float]:
+def evaluate_all(args, model, tasks: dict, device, run: Run | None = None, it: int = 0) -> dict[str, float]:
     """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them
-    (``print('    ', name, round(value, 4))``; scripts parse these lines)."""
+    (``print('    ', name, round(value, 4))``; scripts parse these lines).
+
+    With ``run``: the picture of a seeded sample of test queries and their top-5 (``visualize.training_picture``,
+    from the features just computed) goes to TensorBoard as ``test/retrievals`` and to
+    ``<run folder>/retrievals_<it>.png``.
+    """
     out = {}
     for split, (dataset, task) in tasks.items():
-        metrics = test_retrieval.evaluate(model, dataset, task, batch_size=args.eval_batch_size, device=device,
-                                          num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
+        query_feats, gallery_feats = test_retrieval.encode_task(
+            model, dataset, task, batch_size=args.eval_batch_size, device=device,
+            num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
+        metrics = test_retrieval.task_metrics(task, query_feats, gallery_feats)  # the task's protocol
         out.update({f"{split} {name}": value for name, value in metrics.items()})
+        if split == "test" and run is not None and run.enabled:
+            import visualize
+
+            picture = visualize.training_picture(dataset, task, query_feats, gallery_feats, seed=args.seed)
+            if picture is not None:
+                run.image("test/retrievals", picture, it, f"retrievals_{it}.png")
     if distributed_world()[0] == 0:
         for name, value in out.items():
             runlog.echo(" ".join(map(str, ("    ", name, round(value, 4)))))
@@ -205,30 +218,71 @@ def metric_names(tasks: dict) -> list[str]:
     return [f"{split} {name}" for split, (_, task) in tasks.items() for name in test_retrieval.metric_names(task)]
 
 
-def best_metric_name(names: list[str], best_metric: str) -> str:
-    """What ``best_score`` reads, by name; an unknown --best_metric is refused (before training starts)."""
-    tests = [n[5:] for n in names if n.startswith("test ")]
+def best_metric_name(names: list[str], best_metric: str, split: str = "test") -> str:
+    """What ``best_score`` reads on ``split``, by name; an unknown --best_metric is refused (before training
+    starts)."""
+    prefix = f"{split} "
+    known = [n[len(prefix):] for n in names if n.startswith(prefix)]
     if best_metric != "auto":
-        if best_metric not in tests:
-            raise UserInputError(f"--best_metric {best_metric}: no such test metric; use auto or one of "
-                                 f"{', '.join(tests)}")
-        return f"test {best_metric}"
-    if "recall_top1_correct_composition" in tests:
-        return "test recall_top1_correct_composition"
-    return "mean test recall_top10 over " + ", ".join(n[len("recall_top10_correct_"):] for n in tests
-                                                      if n.startswith("recall_top10_correct_"))
+        if best_metric not in known:
+            raise UserInputError(f"--best_metric {best_metric}: no such {split} metric; use auto or one of "
+                                 f"{', '.join(known)}")
+        return prefix + best_metric
+    if "recall_top1_correct_composition" in known:
+        return prefix + "recall_top1_correct_composition"
+    return f"mean {split} recall_top10 over " + ", ".join(n[len("recall_top10_correct_"):] for n in known
+                                                          if n.startswith("recall_top10_correct_"))
 
 
-def best_score(metrics: dict[str, float], name: str) -> float:
+def best_score(metrics: dict[str, float], name: str, split: str = "test") -> float:
+    """The score of ``split``'s metrics that picks best_checkpoint.pth (``--best_metric`` on ``--select_on``)."""
+    prefix = f"{split} "
     if name != "auto":
-        if f"test {name}" not in metrics:
-            raise UserInputError(f"--best_metric {name}: no such test metric; use one of "
-                                 f"{', '.join(k[5:] for k in metrics if k.startswith('test '))}")
-        return metrics[f"test {name}"]
-    if "test recall_top1_correct_composition" in metrics:
-        return metrics["test recall_top1_correct_composition"]
-    r10 = [v for k, v in metrics.items() if k.startswith("test recall_top10_correct_")]
+        if prefix + name not in metrics:
+            raise UserInputError(f"--best_metric {name}: no such {split} metric; use one of "
+                                 f"{', '.join(k[len(prefix):] for k in metrics if k.startswith(prefix))}")
+        return metrics[prefix + name]
+    if prefix + "recall_top1_correct_composition" in metrics:
+        return metrics[prefix + "recall_top1_correct_composition"]
+    r10 = [v for k, v in metrics.items() if k.startswith(prefix + "recall_top10_correct_")]
     return sum(r10) / len(r10)
+
+
+def selection_tasks(args, tasks: dict) -> dict:
+    """The tasks evaluated during training: all of them, but without 'test' when ``--select_on val`` (the test
+    split is then evaluated once, for the best checkpoint, by ``evaluate_best_on_test``)."""
+    if getattr(args, "select_on", "test") == "val":
+        return {split: t for split, t in tasks.items() if split != "test"}
+    return tasks
+
+
+def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -> dict[str, float]:
+    """``--select_on val``: loads best_checkpoint.pth (picked on the validation split) into ``model`` and evaluates
+    the test split once; returns ``'test <metric>'`` values, recorded in metrics.json with the best iteration.
+    Where the test split has no public targets (CIRR's test1) it writes the server's files (``--submission_dir``)
+    instead and returns nothing."""
+    import factory
+    from checkpoint import read_checkpoint
+
+    path = os.path.join(run.folder, "best_checkpoint.pth")
+    if distributed_world()[1] > 1:
+        torch.distributed.barrier()  # rank 0 wrote it
+    if not os.path.exists(path):
+        raise UserInputError(f"--select_on val: {path} was never written (no validation score was finite)")
+    ckpt = read_checkpoint(path)
+    factory.load_weights(model, ckpt, path)
+    best_it = int(ckpt["it"])
+    if distributed_world()[0] == 0:
+        runlog.echo(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}")
+    if "test" not in tasks:
+        import cirr_submission
+
+        cirr_submission.write_test1_submission(args, model, testset, device)
+        return {}
+    metrics = evaluate_all(args, model, {"test": tasks["test"]}, device, run, best_it)
+    run.info["best_it"] = best_it  # the iteration these test numbers come from
+    run.metrics(metrics, best_it)
+    return metrics
 
 
 def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, start: dict | None,
@@ -295,10 +349,10 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                     return checkpoint_state(args, model, optimizer, scheduler, it, epoch, batch_in_epoch, best)
 
                 if eval_due(it) or it == args.num_iters:
-                    metrics = evaluate_all(args, model, tasks, device)
+                    metrics = evaluate_all(args, model, selection_tasks(args, tasks), device, run, it)
                     model.train()
                     run.metrics(metrics, it)
-                    score = best_score(metrics, args.best_metric)
+                    score = best_score(metrics, args.best_metric, getattr(args, "select_on", "test"))
                     if score > best:
                         best = score
                         run.save("best_checkpoint.pth", lambda: evaluation_state(state()))

@@ -96,6 +96,44 @@ def tiny_mitstates(tmp_path_factory) -> str:
     return path
 
 
+# Triplets (--dataset triplets) on the tiny synthetic data: 18 training rows, 36 test rows over 18 test images.
+TRIPLETS_TINY = dict(image_size=32, n_train_nouns=2, n_test_nouns=2, adjectives_per_noun=3, images_per_class=3)
+
+
+def triplets_cli(data: str, log_dir, *extra: str) -> list[str]:
+    """Flags of a tiny CPU triplets run (LSTM, no ImageNet download), evaluated only at its end."""
+    return ["--dataset", "triplets", "--dataset_path", data, "--image_size", "32", "--batch_size", "4",
+            "--train_eval_queries", "10", "--loader_num_workers", "0", "--log_dir", str(log_dir), "--device", "cpu",
+            "--image_weights", "none", "--eval_every", "1000", "--use_bert", "False", "--lstm_dim", "16",
+            "--seed", "3", *extra]
+
+
+def main_stdout(argv: list[str]) -> tuple[int, str]:
+    """main.main(argv) on one thread -> (exit code, stdout)."""
+    import contextlib
+    import io
+
+    import main
+
+    out, before = io.StringIO(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out):
+            rc = main.main(argv)
+    finally:
+        torch.set_num_threads(before)
+    return rc, out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def triplets_data(tmp_path_factory) -> str:
+    import synthetic
+
+    path = str(tmp_path_factory.mktemp("triplets") / "data")
+    synthetic.write_triplets_csv(path, seed=0, **TRIPLETS_TINY)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tirg_lstm_run(tmp_path_factory, tiny_mitstates) -> dict:
     """4 iterations (one epoch of 18 training images), evaluated once, at the end."""
@@ -115,3 +153,28 @@ def tirg_lstm_run(tmp_path_factory, tiny_mitstates) -> dict:
 def run_main_cli():
     """``run_main_captured``: main.main(argv) -> (exit code, stdout, stderr)."""
     return run_main_captured
+
+
+@pytest.fixture(scope="session")
+def triplets_run(tmp_path_factory, triplets_data) -> dict:
+    """2 training iterations (one evaluation, at the end), then --test_only of the final checkpoint."""
+    import glob
+
+    log_dir = tmp_path_factory.mktemp("triplets_run")
+    rc, train_out = main_stdout(triplets_cli(triplets_data, log_dir, "--num_iters", "2"))
+    assert rc == 0
+    (folder,) = glob.glob(os.path.join(str(log_dir), "*"))
+    ckpt = os.path.join(folder, "latest_checkpoint.pth")
+    test_log = tmp_path_factory.mktemp("triplets_test_only")
+    rc, test_out = main_stdout(triplets_cli(triplets_data, test_log, "--test_only", "True",
+                                            "--model_checkpoint", ckpt, "--eval_splits", "train,test"))
+    assert rc == 0
+    return {"folder": folder, "ckpt": ckpt, "train_stdout": train_out, "test_stdout": test_out}
+
+
+@pytest.fixture(scope="session")
+def triplets_tools():
+    """The helpers above for test modules (conftest itself is not importable under --import-mode=importlib)."""
+    import types
+
+    return types.SimpleNamespace(cli=triplets_cli, run=main_stdout, tiny=TRIPLETS_TINY)

@@ -222,5 +222,5 @@ def test_metric_names_are_known_before_evaluating(groups):
                                   query_text=["t", "u", "v"], gallery_labels=labels, query_targets=targets,
                                   query_groups=groups)
     g = torch.Generator().manual_seed(0)
-    computed = test_retrieval.retrieval_metrics(task, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
+    computed = test_retrieval.task_metrics(task, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
     assert test_retrieval.metric_names(task) == list(computed)

@@ -1,0 +1,436 @@
+"""Query a trained checkpoint: rank the images of a folder for a source image + modification text.
+
+    python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --image IMG --text "TEXT" [--top_k 10]
+        [--out grid.png] [--json results.jsonl] [--device auto]
+    python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --queries queries.csv [--top_k 10]
+        [--json results.jsonl] [--out_dir DIR]
+
+Every model setting comes from the checkpoint (this project's or the original code's). The gallery is every image
+file under DIR (jpg, jpeg, png, webp, bmp, any case), searched recursively, in sorted path order; its features
+are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and ranked as the evaluation
+ranks them (``test_retrieval.top_k``: cosine similarity, ties to the lower gallery position); a query image that
+is itself a gallery file is left out of its own results. ``--index FILE`` keeps the gallery's features between
+calls and encodes only the files added or changed since.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import html
+import json
+import logging
+import multiprocessing
+import os
+import sys
+from typing import Any, Sequence
+
+import torch
+
+from torch_functions import UserInputError
+
+logger = logging.getLogger("retrieve")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+INDEX_FORMAT = "composeae-retrieve-index/1"  # see save_index
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from main import DefaultsFormatter, OneLineParser
+
+    p = OneLineParser(prog="retrieve.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
+    g.add_argument("--bert_model", type=str, default=None,
+                   help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
+    g.add_argument("--dataset_path", type=str, default=None,
+                   help="the checkpoint's training dataset; needed only for an original-code LSTM checkpoint, "
+                        "which holds no vocabulary")
+    g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = cuda if available")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 is faster on a CPU that other jobs share)")
+    g = p.add_argument_group("gallery")
+    g.add_argument("--gallery", type=str, required=True, help="folder of the gallery images (searched recursively)")
+    g.add_argument("--index", type=str, default="", help="file keeping the gallery's features between calls ('' = "
+                                                         "encode in memory)")
+    g.add_argument("--batch_size", type=int, default=32, help="images encoded per batch")
+    g.add_argument("--num_workers", type=int, default=0, help="image decoding processes (0 = in this process)")
+    g = p.add_argument_group("query: --image and --text, or --queries")
+    g.add_argument("--image", type=str, default=None, help="source image of the query")
+    g.add_argument("--text", type=str, default=None, help="modification text of the query")
+    g.add_argument("--queries", type=str, default=None,
+                   help="CSV with the header image,text[,target]; paths absolute or relative to the CSV's folder")
+    g = p.add_argument_group("output")
+    g.add_argument("--top_k", type=int, default=10, help="results per query")
+    g.add_argument("--json", type=str, default="", help="JSON Lines file, one object per query in input order")
+    g.add_argument("--out", type=str, default="", help="PNG of the query and its results (one query)")
+    g.add_argument("--out_dir", type=str, default="", help="folder for one PNG per query and an index.html")
+    g.add_argument("--thumb", type=int, default=128, help="thumbnail side of the pictures, in pixels")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.queries is not None and (args.image is not None or args.text is not None):
+        raise UserInputError("give either --image and --text, or --queries, not both")
+    if args.queries is None and (args.image is None or args.text is None):
+        raise UserInputError("a query needs --image IMG and --text TEXT (or --queries FILE.csv)")
+    if args.out and args.queries is not None:
+        raise UserInputError("--out draws one query; with --queries use --out_dir DIR")
+    if args.out and not args.out.lower().endswith(".png"):
+        raise UserInputError(f"--out {args.out}: the picture is a PNG; name it FILE.png")
+    for name in ("top_k", "batch_size", "thumb"):
+        if getattr(args, name) < 1:
+            raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0 or args.threads < 0:
+        raise UserInputError(f"--num_workers and --threads must be >= 0, got {args.num_workers}, {args.threads}")
+    if not os.path.isfile(args.model_checkpoint):
+        raise UserInputError(f"checkpoint {args.model_checkpoint} does not exist; pass --model_checkpoint PATH")
+    if not os.path.isdir(args.gallery):
+        raise UserInputError(f"gallery {args.gallery} is not a folder; pass --gallery DIR holding the images")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Queries
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_image(path: str, where: str) -> None:
+    from image_cache import BadImageError, load_rgb_uint8
+
+    if not os.path.isfile(path):
+        raise UserInputError(f"{where}{path} does not exist")
+    try:
+        load_rgb_uint8(path, 8)
+    except BadImageError:
+        raise UserInputError(f"{where}{path} cannot be read as an image") from None
+
+
+def read_queries(args: argparse.Namespace) -> list[dict]:
+    """``[{image (as given), path (absolute), text, target (absolute or None), target_given}]``, checked: every
+    image exists and decodes, no text is empty; one error naming the file and line otherwise."""
+    if args.queries is None:
+        if not args.text.strip():
+            raise UserInputError("--text is empty: the query needs a modification text")
+        path = os.path.abspath(os.path.expanduser(args.image))
+        _check_image(path, "--image: ")
+        return [{"image": args.image, "path": path, "text": args.text.strip(), "target": None}]
+    csv_path = args.queries
+    if not os.path.isfile(csv_path):
+        raise UserInputError(f"--queries {csv_path} does not exist")
+    folder = os.path.dirname(os.path.abspath(csv_path))
+    queries = []
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not header:
+            raise UserInputError(f"{csv_path} is empty: expected the header image,text[,target] and one query a line")
+        missing = [c for c in ("image", "text") if c not in header]
+        if missing:
+            raise UserInputError(f"{csv_path}: the header lacks {', '.join(missing)}; expected image,text[,target]")
+        reader.fieldnames = header
+        for raw in reader:
+            line = reader.line_num
+            if None in raw:
+                raise UserInputError(f"{csv_path}, line {line}: more cells than the header's {len(header)} columns")
+            row = {k: (v or "").strip() for k, v in raw.items()}
+            if not any(row.values()):
+                continue
+            where = f"{csv_path}, line {line}: "
+            if not row["image"]:
+                raise UserInputError(f"{where}no image")
+            if not row["text"]:
+                raise UserInputError(f"{where}empty text: a query needs a modification text")
+            path = os.path.normpath(os.path.join(folder, os.path.expanduser(row["image"])))
+            _check_image(path, where)
+            target = None
+            if row.get("target"):
+                target = os.path.normpath(os.path.join(folder, os.path.expanduser(row["target"])))
+                if not os.path.isfile(target):
+                    raise UserInputError(f"{where}target {target} does not exist")
+            queries.append({"image": row["image"], "path": path, "text": row["text"], "target": target,
+                            "target_given": row.get("target") or None})
+    if not queries:
+        raise UserInputError(f"{csv_path} has no queries: add lines image,text[,target] after the header")
+    return queries
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gallery and index
+# ----------------------------------------------------------------------------------------------------------------
+
+def scan_gallery(folder: str) -> list[tuple[str, int, int]]:
+    """``(relative path with '/', size, mtime_ns)`` of every image file under ``folder``, sorted by path."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in files:
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                full = os.path.join(root, name)
+                try:
+                    st = os.stat(full)
+                except OSError:
+                    continue  # a dangling link: not an image of the gallery
+                found.append((os.path.relpath(full, folder).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
+    found.sort()
+    return found
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_index(path: str, identity: dict) -> dict | None:
+    """The index at ``path`` if it was built with ``identity``; None (after a one-line notice) otherwise."""
+    if not path or not os.path.exists(path):
+        return None
+    try:  # memory-mapped: the features are read as the ranking touches them
+        index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ok = isinstance(index, dict) and index.get("format") == INDEX_FORMAT
+    except Exception:  # a torn or foreign file: rebuilt
+        ok = False
+    if not ok:
+        print(f"retrieve.py: {path} is not a gallery index of retrieve.py; rebuilding it", file=sys.stderr)
+        return None
+    if index.get("identity") != identity:
+        old = index.get("identity") or {}
+        changed = [k for k in identity if old.get(k) != identity[k]]
+        print(f"retrieve.py: {path} was built with another {', '.join(changed)}; rebuilding it", file=sys.stderr)
+        return None
+    index["files"] = index["files"].split("\0") if index["files"] else []
+    index["sizes"], index["mtimes"] = index["sizes"].tolist(), index["mtimes"].tolist()
+    return index
+
+
+def save_index(path: str, identity: dict, files: Sequence[tuple[str, int, int]], feats: torch.Tensor) -> None:
+    """Writes the index atomically: the identity, the files (relative paths joined by NUL, which no file name
+    holds), their sizes and mtimes (int64) and their L2-normalised features (G, D) fp32."""
+    from checkpoint import atomic_write
+
+    state = {"format": INDEX_FORMAT, "identity": identity, "files": "\0".join(f[0] for f in files),
+             "sizes": torch.tensor([f[1] for f in files], dtype=torch.int64),
+             "mtimes": torch.tensor([f[2] for f in files], dtype=torch.int64), "features": feats.contiguous()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+class _ImageFiles:
+    """``load_image(path)`` as the datasets decode (``load_rgb_uint8``); an unreadable file gives zeros and is
+    recorded in ``bad`` (a list shared with the DataLoader's worker processes when there are any)."""
+
+    def __init__(self, image_size: int, bad: Any) -> None:
+        self.image_size = image_size
+        self.bad = bad
+
+    def load_image(self, path: str) -> torch.Tensor:
+        from image_cache import BadImageError, load_rgb_uint8
+
+        try:
+            return load_rgb_uint8(path, self.image_size)
+        except BadImageError:
+            self.bad.append(path)
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+
+
+def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequence[dict], *, batch_size: int,
+           device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+    """Gallery features (N, D) L2-normalised (``test_retrieval.normalize_rows``), query features (Q, D) and the
+    unreadable gallery files, computed by the evaluation's ``encode_task`` (one pass over the images, queries
+    composed in batches)."""
+    import test_retrieval
+    from datasets import RetrievalTask
+
+    keys = list(dict.fromkeys(list(gallery_paths) + [q["path"] for q in queries]))
+    where = {k: i for i, k in enumerate(keys)}
+    task = RetrievalTask(image_keys=keys, gallery=[where[p] for p in gallery_paths],
+                         query_source=[where[q["path"]] for q in queries], query_text=[q["text"] for q in queries],
+                         gallery_labels={}, query_targets={})
+    manager = multiprocessing.Manager() if num_workers > 0 and gallery_paths else None
+    try:
+        images = _ImageFiles(image_size, manager.list() if manager else [])
+        query_feats, gallery_feats = test_retrieval.encode_task(
+            model, images, task, batch_size=batch_size, device=device, num_workers=num_workers,
+            desc="retrieve", progress=len(keys) > 4 * batch_size)
+        bad = set(images.bad)
+    finally:
+        if manager is not None:
+            manager.shutdown()
+    return test_retrieval.normalize_rows(gallery_feats).cpu(), query_feats.cpu(), bad
+
+
+def gallery_features(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
+                     queries: list[dict], device: torch.device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """``(relative paths (G,), normalised gallery features (G, D), query features (Q, D))`` of the gallery ``files``
+    (``scan_gallery``); the index reused and updated when ``--index`` is given."""
+    index = load_index(args.index, identity)
+    known = {}
+    if index is not None:
+        known = {(p, s, m): i for i, (p, s, m) in enumerate(zip(index["files"], index["sizes"], index["mtimes"]))}
+    todo = [f for f in files if f not in known]
+    new_feats, query_feats, bad = encode(model, image_size, [os.path.join(args.gallery, f[0]) for f in todo],
+                                         queries, batch_size=args.batch_size, device=device,
+                                         num_workers=args.num_workers)
+    new_row = {f: i for i, f in enumerate(todo)}
+    if bad:
+        names = sorted(os.path.relpath(p, args.gallery) for p in bad)
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        print(f"retrieve.py: warning: skipped {len(bad)} unreadable gallery file{'s' if len(bad) > 1 else ''}: "
+              f"{shown}", file=sys.stderr)
+    bad_rel = {os.path.relpath(p, args.gallery).replace(os.sep, "/") for p in bad}
+    kept = [f for f in files if f[0] not in bad_rel]
+    if not kept:
+        raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
+    dim = index["features"].shape[1] if index is not None and known else new_feats.shape[1]
+    feats = torch.empty(len(kept), dim, dtype=torch.float32)  # (G, D)
+    for source, rows_of in ((index["features"] if index is not None else None, known), (new_feats, new_row)):
+        pos = [i for i, f in enumerate(kept) if f in rows_of]
+        if pos:
+            feats[torch.tensor(pos)] = source[torch.tensor([rows_of[kept[i]] for i in pos])].float()
+    encoded_now = len(todo) - len(bad)  # unreadable files are not stored: they are tried again next time
+    if args.index and (index is None or encoded_now or len(kept) != len(index["files"])):
+        save_index(args.index, identity, kept, feats)
+        logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), encoded_now)
+    return [f[0] for f in kept], feats, query_feats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranking and output
+# ----------------------------------------------------------------------------------------------------------------
+
+def gallery_position(path: str, gallery: str, where: dict[str, int]) -> int:
+    """Position of the gallery file that ``path`` resolves to, or -1."""
+    real, root = os.path.realpath(path), os.path.realpath(gallery)
+    if os.path.commonpath([real, root]) != root:
+        return -1
+    return where.get(os.path.relpath(real, root).replace(os.sep, "/"), -1)
+
+
+def rank(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
+         exclude: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """``[(gallery position, score)] * min(k, ...)`` per query, as the evaluation ranks: ``test_retrieval.top_k``
+    on the normalised gallery (G, D) of ``encode``, the excluded position (the query's own image, -1 for none)
+    left out."""
+    import test_retrieval
+
+    out: list[list[tuple[int, float]]] = [[] for _ in range(len(exclude))]
+    for has in (True, False):  # top_k shortens every row by one when any row excludes an item: two calls
+        members = torch.nonzero((exclude >= 0) == has).flatten()  # (n,)
+        if members.numel() == 0:
+            continue
+        scores, indices = test_retrieval.top_k(query_feats[members], gallery_feats, k,
+                                               exclude[members] if has else None, gallery_normalized=True)
+        for i, q in enumerate(members.tolist()):
+            out[q] = list(zip(indices[i].tolist(), scores[i].tolist()))
+    return out
+
+
+def _open_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def draw_query(query: dict, results: list[dict], gallery: str, thumb: int):
+    import visualize
+
+    cells = [visualize.Result(_open_rgb(os.path.join(gallery, r["path"])), r["rank"], r["score"], r.get("correct"),
+                              r["path"]) for r in results]
+    return visualize.retrieval_picture([visualize.QueryRow(_open_rgb(query["path"]), query["text"], cells)],
+                                       k=len(cells), thumb=thumb)
+
+
+def write_outputs(args, queries: list[dict], ranked: list[list[dict]]) -> None:
+    from checkpoint import atomic_write
+
+    for n, (q, results) in enumerate(zip(queries, ranked), 1):
+        print(f"query {n}: {q['image']} \"{q['text']}\"")
+        print(f"{'rank':>6} {'score':>8}  path")
+        for r in results:
+            mark = "  (target)" if r.get("correct") else ""
+            print(f"{r['rank']:>6} {r['score']:>8.4f}  {r['path']}{mark}")
+    if args.json:
+        def write(f) -> None:
+            for q, results in zip(queries, ranked):
+                obj = {"image": q["image"], "text": q["text"]}
+                if q.get("target_given"):
+                    obj["target"] = q["target_given"]
+                obj["results"] = [{"rank": r["rank"], "path": r["path"], "score": round(r["score"], 6)}
+                                  for r in results]
+                f.write(json.dumps(obj) + "\n")
+        atomic_write(args.json, write, mode="w")
+    if args.out:
+        picture = draw_query(queries[0], ranked[0], args.gallery, args.thumb)
+        atomic_write(args.out, lambda f: picture.save(f, format="PNG"))
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        items = []
+        for n, (q, results) in enumerate(zip(queries, ranked), 1):
+            name = f"query_{n:04d}.png"
+            picture = draw_query(q, results, args.gallery, args.thumb)
+            atomic_write(os.path.join(args.out_dir, name), lambda f: picture.save(f, format="PNG"))
+            items.append(f"<h3>{n}. {html.escape(q['image'])}: &ldquo;{html.escape(q['text'])}&rdquo;</h3>\n"
+                         f"<img src=\"{name}\" alt=\"query {n}\">")
+        page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>retrieve.py results</title></head>"
+                "<body>\n" + "\n".join(items) + "\n</body></html>\n")
+        atomic_write(os.path.join(args.out_dir, "index.html"), lambda f: f.write(page), mode="w")
+
+
+def run(args: argparse.Namespace) -> int:
+    import factory
+    from checkpoint import read_checkpoint
+
+    validate(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    queries = read_queries(args)
+    files = scan_gallery(args.gallery)
+    if not files:
+        raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
+    device = factory.pick_device(args.device)
+    texts: Sequence[str] = ()
+    if args.dataset_path:
+        import main
+
+        margs = main.checkpoint_args(read_checkpoint(args.model_checkpoint))
+        margs.dataset_path = args.dataset_path
+        texts = factory.build_datasets(margs)[0].get_all_texts()
+    model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
+                                                    texts=texts)
+    identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
+                "model": str(margs.model)}
+    files, gallery_feats, query_feats = gallery_features(args, model, int(margs.image_size), identity, files,
+                                                         queries, device)
+    where = {f: i for i, f in enumerate(files)}
+    exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries], dtype=torch.long)
+    ranked = []
+    for q, hits in zip(queries, rank(query_feats, gallery_feats, args.top_k, exclude)):
+        target = gallery_position(q["target"], args.gallery, where) if q["target"] else None
+        ranked.append([{"rank": r + 1, "path": files[g], "score": s,
+                        **({} if target is None else {"correct": g == target})} for r, (g, s) in enumerate(hits)])
+    write_outputs(args, queries, ranked)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad flag (one line already printed)
+        return int(exc.code or 0)
+    try:
+        return run(args)
+    except UserInputError as exc:
+        print(f"retrieve.py: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
