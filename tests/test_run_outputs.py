@@ -209,18 +209,25 @@ def test_allow_tf32_defaults_to_pytorchs_tf32_and_offers_fp32():
     assert main.parse_args(["--allow_tf32", "False"])[0].allow_tf32 is False
 
 
-@pytest.mark.parametrize("groups", [None, {"dress": [True, False, True], "shirt": [False, True, False]}])
-def test_metric_names_are_known_before_evaluating(groups):
-    """The names that --best_metric is checked against are exactly those the evaluation gives."""
+@pytest.mark.parametrize("protocol", ["tirg", "tirg_groups", "tirg_ks", "cirr", "fashioniq_standard"])
+def test_metric_names_are_known_before_evaluating(protocol):
+    """The names that --best_metric is checked against are exactly those the evaluation gives, for every
+    protocol."""
     import datasets
     import test_retrieval
 
-    labels = {"composition": ["a", "b", "c"]} if groups else {"composition": ["a x", "b y", "c z"],
-                                                              "adj": ["a", "b", "c"], "noun": ["x", "y", "z"]}
+    groups = {"dress": [True, False, True], "shirt": [False, True, False]}
+    if protocol in ("tirg", "tirg_ks"):
+        labels = {"composition": ["a x", "b y", "c z"], "adj": ["a", "b", "c"], "noun": ["x", "y", "z"]}
+    else:
+        labels = {"image": ["a", "b", "c"]} if protocol != "tirg_groups" else {"composition": ["a", "b", "c"]}
+    extra = {"tirg_groups": dict(query_groups=groups), "tirg_ks": dict(ks=(1, 3)),
+             "cirr": dict(protocol="cirr", query_exclude=[0, 1, 2], query_subsets=[[1, 2], [0, 2], [0, 1]]),
+             "fashioniq_standard": dict(protocol="fashioniq_standard", query_groups=groups,
+                                        gallery_groups=groups)}.get(protocol, {})
     targets = {view: [v[2], v[0], v[1]] for view, v in labels.items()}
     task = datasets.RetrievalTask(image_keys=[0, 1, 2], gallery=[0, 1, 2], query_source=[0, 1, 2],
-                                  query_text=["t", "u", "v"], gallery_labels=labels, query_targets=targets,
-                                  query_groups=groups)
+                                  query_text=["t", "u", "v"], gallery_labels=labels, query_targets=targets, **extra)
     g = torch.Generator().manual_seed(0)
     computed = test_retrieval.task_metrics(task, torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g))
     assert test_retrieval.metric_names(task) == list(computed)
