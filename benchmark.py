@@ -14,8 +14,9 @@ iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/
 
 Nothing here re-implements the project: the data is written by ``synthetic.generate_synthetic`` (with a process
 pool: byte-identical files), read by ``datasets.build_datasets`` / ``EpochBatchSampler`` / ``collate_train``
-(optionally through the decode-once ``image_cache``); the model and optimizer come from ``main.create_model_and_optimizer`` (flags parsed by
-``main.get_args_parser`` + ``main.resolve_defaults``), every step is ``main.make_train_step``'s (``train_one_step``,
+(optionally through the decode-once ``image_cache``); the model and optimizer come from ``factory.build_model``, as
+in main.py (flags parsed by ``main.get_args_parser`` + ``main.resolve_defaults``), every step is
+``training.make_train_step``'s (``train_one_step``,
 or ``CudaGraphStep`` with ``--cuda_graph``) and the evaluation is ``test_retrieval.evaluate``.
 
 The reference measurement (original code, one H100) used 14,328 synthetic 128-px JPEGs: 3,528 test images with
@@ -106,6 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(main.py --fuse_image_passes)", **flag)
     p.add_argument("--cuda_graph", default=False, help="capture the training step as a CUDA graph (main.py "
                    "--cuda_graph)", **flag)
+    p.add_argument("--allow_tf32", default=True, help="TF32 cuDNN on Ampere+ (main.py --allow_tf32)", **flag)
     p.add_argument("--graph_check", type=int, default=4, help="with --cuda_graph: after the timing, train this many "
                    "batches eagerly and through the graph from the same weights (dropout off) and report the "
                    "differences; 0 = skip")
@@ -224,7 +226,7 @@ def main_args(a: argparse.Namespace, data_path: str, bert_model: str, image_cach
             "--fuse_image_passes", str(a.fuse_image_passes), "--cuda_graph", str(a.cuda_graph),
             "--num_iters", str(a.warmup + a.iters + max(a.profile_steps + 1, a.sync_check_steps) + 2),
             "--weight_decay", "5e-5", "--log_dir", os.path.join(a.data_dir, "logs"),
-            "--cudnn_benchmark", str(a.cudnn_benchmark)]
+            "--cudnn_benchmark", str(a.cudnn_benchmark), "--allow_tf32", str(a.allow_tf32)]
     return main_module.resolve_defaults(main_module.get_args_parser().parse_args(argv))
 
 
@@ -348,7 +350,7 @@ def count_dispatched_ops(step: Callable[[], Any]) -> dict[str, Any]:
 
 def graph_vs_eager(args: argparse.Namespace, texts: Sequence[str], batches: Sequence[dict], device: torch.device,
                    warmup: int = 2) -> dict[str, Any]:
-    """The same batches through ``main.train_one_step`` twice and through a ``main.CudaGraphStep`` once, from the
+    """The same batches through ``training.train_one_step`` twice and through a ``training.CudaGraphStep`` once, from the
     same weights, with dropout off (its masks come from other streams of numbers in the two paths) and
     deterministic cuDNN. Returns the largest differences, graph against eager, of the total loss per step and of any
     weight or buffer relative to its largest entry; the second eager run gives the run-to-run noise of the same.
@@ -359,13 +361,10 @@ def graph_vs_eager(args: argparse.Namespace, texts: Sequence[str], batches: Sequ
     torch.backends.cudnn.deterministic = True
     try:
         for step_fn in (training.train_one_step, training.train_one_step, training.CudaGraphStep(warmup)):
-            torch.manual_seed(args.seed)
-            model, optimizer, scheduler = factory.create_model_and_optimizer(args, texts)
-            model.loss_generator = torch.Generator(device).manual_seed(args.seed)
+            model, optimizer, scheduler = factory.build_model(args, device, texts)
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-            factory.place_model(args, model, device)
             model.train()
             losses = torch.stack([step_fn(model, b, optimizer, scheduler, args, device)["total training loss"]
                                   for b in batches]).cpu()
@@ -426,8 +425,7 @@ def run(a: argparse.Namespace) -> dict:
     timings["bert_write_s"] = time.perf_counter() - t0
     args = main_args(a, data_path, bert_model, image_cache, a.device)
 
-    # -- as main.run_main
-    torch.manual_seed(args.seed)
+    # -- factory's wiring, as main.run_main's factory.build_experiment, in two timed parts
     t0 = time.perf_counter()
     trainset, testset = factory.build_datasets(args)
     timings["datasets_s"] = time.perf_counter() - t0  # includes building the image cache the first time
@@ -454,9 +452,7 @@ def run(a: argparse.Namespace) -> dict:
         return {"prepared": True, "data": data_info, "settings": settings, "timings_s": timings}
 
     t0 = time.perf_counter()
-    model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
-    model.loss_generator = torch.Generator(device).manual_seed(args.seed)  # soft-triplet sampler, as main.run_main
-    factory.place_model(args, model, device)
+    model, optimizer, scheduler = factory.build_model(args, device, trainset.get_all_texts())
     settings["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     timings["model_s"] = time.perf_counter() - t0
     if getattr(model, "bert", None) is not None:
@@ -480,7 +476,7 @@ def run(a: argparse.Namespace) -> dict:
                                          f"{args.batch_size}; lower --batch_size")
     loader = training.make_train_loader(args, trainset, sampler, device)
     batches = endless_batches(loader, sampler)
-    train_step = training.make_train_step(args)  # main.train_one_step, or a CudaGraphStep with --cuda_graph
+    train_step = training.make_train_step(args)  # training.train_one_step, or a CudaGraphStep with --cuda_graph
     model.train()
     last: dict = {}
 

@@ -108,6 +108,10 @@ def _check_checkpoint(path: str, ckpt: dict, resume: bool) -> None:
         raise UserInputError(f"checkpoint {path} is the original code's: it has no optimizer, schedule or random "
                              f"state, so --resume cannot continue it exactly; evaluate it with --test_only True "
                              f"--model_checkpoint {path}")
+    if "optimizer" not in ckpt and "model_state_dict" in ckpt and ckpt.get("format"):
+        raise UserInputError(f"--resume {path} holds no optimizer state (a best_checkpoint.pth: weights, args and "
+                             f"vocabulary only); resume from the run's latest_checkpoint.pth, or evaluate it with "
+                             f"--test_only True")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise bad(f"--resume needs its training state, but {', '.join(repr(k) for k in missing)} "
@@ -165,3 +169,9 @@ def checkpoint_state(args, model, optimizer, scheduler, it: int, epoch: int, bat
             "batch_in_epoch": batch_in_epoch, "best": best, "rng": rngs, "vocab": vocab, "args": vars(args),
             "format": "composeae-repro/1"}
 
+
+
+def evaluation_state(state: dict) -> dict:
+    """What evaluation needs of a full ``checkpoint_state``: the weights, args, vocabulary and step, without the
+    optimizer, schedule and random states (best_checkpoint.pth; --resume needs a latest_checkpoint.pth)."""
+    return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}

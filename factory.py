@@ -3,6 +3,7 @@ optimizer, placed on the device with the speed options. ``main.py``, ``benchmark
 through these functions."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import os
@@ -75,7 +76,7 @@ def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = 
 
 def place_model(args, model, device: torch.device):
     """Moves the model to ``device`` with the speed options: channels_last ResNet, torch.compile (opt-in),
-    cuDNN autotuning (also used by benchmark.py)."""
+    cuDNN autotuning, TF32 or fp32 cuDNN (also used by benchmark.py)."""
     model.to(device)
     if args.channels_last:
         model.img_model.to(memory_format=torch.channels_last)
@@ -83,6 +84,9 @@ def place_model(args, model, device: torch.device):
         model.img_model.compile()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        precision = "tf32" if args.allow_tf32 else "ieee"  # ieee = fp32 convolutions, as the original ran them
+        torch.backends.cudnn.conv.fp32_precision = precision
+        torch.backends.cudnn.rnn.fp32_precision = precision
     return model
 
 
@@ -142,12 +146,25 @@ def run_info(args) -> dict:
 
 
 def load_weights(model, ckpt: dict, source: str) -> None:
-    """Loads ``ckpt['model_state_dict']`` into ``model`` (this project's checkpoints and the original code's)."""
+    """Loads ``ckpt['model_state_dict']`` into ``model`` (this project's checkpoints and the original code's); a
+    checkpoint that does not fit is refused naming the settings it was trained with."""
     if model.text_model is not None and ckpt.get("vocab") is None:
-        logger.warning("%s holds no vocabulary (an original-code checkpoint): the LSTM vocabulary is rebuilt from "
-                       "the training texts in sorted-listing order, but the original numbered words in its "
-                       "machine's os.listdir order, so its word embeddings may be matched to the wrong words", source)
-    models.load_model_state(model, ckpt["model_state_dict"], source)
+        kind = "the original code's checkpoints hold none" if "format" not in ckpt else "it was saved without one"
+        logger.warning("%s holds no LSTM vocabulary (%s): it is rebuilt from the training texts in sorted-listing "
+                       "order, but the original numbered words in its machine's os.listdir order, so its word "
+                       "embeddings may be matched to the wrong words", source, kind)
+    try:
+        models.load_model_state(model, ckpt["model_state_dict"], source)
+    except UserInputError as exc:
+        import main
+
+        saved = main.checkpoint_args(ckpt)
+        trained = " ".join(f"--{k} {getattr(saved, k)}" for k in MODEL_SHAPE_SETTINGS)
+        raise UserInputError(f"{exc}; the checkpoint was trained with {trained}") from None
+
+
+# The settings that decide the shapes of a model's weights (named when a checkpoint does not fit).
+MODEL_SHAPE_SETTINGS = ("model", "use_bert", "bert_model", "image_embed_dim", "lstm_dim")
 
 
 @dataclasses.dataclass
@@ -163,38 +180,49 @@ class Experiment:
     valset: Any = None  # --select_on val: the split that picks best_checkpoint.pth
 
 
-def build_experiment(args, device: torch.device, ckpt: dict | None = None, source: str = "") -> Experiment:
-    """Datasets, model (weights from ``ckpt`` when given), optimizer, schedule and retrieval tasks for ``args``.
+def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dict | None = None,
+                source: str = "") -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    """``(model, optimizer, scheduler)`` for ``args`` on ``device``, with the weights of ``ckpt`` when given (then
+    no ImageNet weights are fetched: the checkpoint holds the ResNet's).
 
     Seeding, in order: ``--seed`` for the initial weights (the same on every process), ``--seed`` for the
     soft-triplet sampler (all processes draw the same triplets of the global batch), then ``--seed + rank`` for
     dropout (different on each process).
     """
     rank, _ = distributed_world()
+    if ckpt is not None:
+        args = argparse.Namespace(**{**vars(args), "image_weights": "none"})
     torch.manual_seed(args.seed)  # identical initial weights on every process
-    splits = build_splits(args)
-    trainset, testset, valset = splits["train"], splits["test"], splits.get("val")
-    logger.info("trainset size: %d, testset size: %d%s", len(trainset), len(testset),
-                f", valset size: {len(valset)}" if valset is not None else "")
-    model, optimizer, scheduler = create_model_and_optimizer(args, trainset.get_all_texts(),
-                                                             ckpt.get("vocab") if ckpt else None)
+    model, optimizer, scheduler = create_model_and_optimizer(args, texts, ckpt.get("vocab") if ckpt else None)
     if ckpt is not None:
         load_weights(model, ckpt, source)
     model.loss_generator = torch.Generator(device).manual_seed(args.seed)
     torch.manual_seed(args.seed + rank)  # dropout differs between processes
     place_model(args, model, device)
+    return model, optimizer, scheduler
+
+
+def build_experiment(args, device: torch.device, ckpt: dict | None = None, source: str = "") -> Experiment:
+    """Datasets (``build_splits``), model, optimizer and schedule (``build_model``, weights from ``ckpt`` when
+    given) and the retrieval tasks (``build_tasks``) for ``args``."""
+    splits = build_splits(args)
+    trainset, testset, valset = splits["train"], splits["test"], splits.get("val")
+    logger.info("trainset size: %d, testset size: %d%s", len(trainset), len(testset),
+                f", valset size: {len(valset)}" if valset is not None else "")
+    model, optimizer, scheduler = build_model(args, device, trainset.get_all_texts(), ckpt, source)
     return Experiment(trainset, testset, model, optimizer, scheduler, build_tasks(args, trainset, testset, valset),
                       valset)
 
 
 def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,
                           texts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any, dict]:
-    """``(model, args, ckpt)``: the model a checkpoint describes, built from the checkpoint's own settings, with
-    its weights, on ``device``, in eval mode.
+    """``(model, args, ckpt)``: the model a checkpoint describes, built from the checkpoint's own settings
+    (``main.checkpoint_args``, as --test_only and --resume take them) by ``build_model``, with its weights, on
+    ``device``, in eval mode.
 
-    Every weight comes from the checkpoint, so no ImageNet weights are fetched; BERT is loaded from the
-    checkpoint's ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of the
-    original code holds no vocabulary: ``texts`` (the training texts) rebuild it.
+    Every weight comes from the checkpoint, so no ImageNet weights are fetched, and BERT only for a BERT model:
+    from the checkpoint's ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of
+    the original code holds no vocabulary: ``texts`` (the training texts) rebuild it.
     """
     import main
     from checkpoint import read_checkpoint
@@ -203,11 +231,11 @@ def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | 
     args = main.checkpoint_args(ckpt)
     if bert_model:
         args.bert_model = bert_model
-    args.image_weights = "none"  # the checkpoint holds the ResNet's weights
+    args.compile = False  # an evaluation tool: not worth torch.compile's warm-up
     if not args.use_bert and ckpt.get("vocab") is None and not texts:
-        raise UserInputError(f"{path} is an LSTM checkpoint without a vocabulary (the original code's); pass the "
-                             f"training texts of its dataset to rebuild it")
-    model, _, _ = create_model_and_optimizer(args, texts, ckpt.get("vocab"))
-    load_weights(model, ckpt, path)
-    model.to(device).eval()
+        kind = "as the original code's" if "format" not in ckpt else "saved without one"
+        raise UserInputError(f"{path} is an LSTM checkpoint without a vocabulary ({kind}); pass the training texts "
+                             f"of its dataset to rebuild it")
+    model, _, _ = build_model(args, device, texts, ckpt, path)
+    model.eval()
     return model, args, ckpt

@@ -1,4 +1,5 @@
-"""Run folders and what a run writes into them: TensorBoard scalars and images, ``metrics.json`` and checkpoints."""
+"""Run folders and what a run writes into them: ``args.json``, ``out.log``, TensorBoard scalars and images,
+``metrics.json`` and checkpoints, and the console lines (the original's metric lines and a summary table)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,14 @@ import json
 import logging
 import math
 import os
+import platform
 import re
+import shutil
 import socket
+import subprocess
+import sys
 from datetime import datetime
+from typing import Callable
 
 from checkpoint import atomic_write, save_checkpoint
 from torch_functions import UserInputError
@@ -17,13 +23,18 @@ from torch_functions import UserInputError
 logger = logging.getLogger("main")
 LOCK_NAME = "run.lock"
 _TEMP_SUFFIX = re.compile(r"\.tmp-?(\d+)$")  # atomic_write's <name>.tmp<pid>, the image cache's <name>.tmp-<pid>
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SUMMARY_KS = (1, 5, 10, 50)  # the summary table's recall cut-offs
+_METRIC = re.compile(r"^(\w+) recall_top(\d+)_correct_(\w+)$")  # '<split> recall_top<k>_correct_<view>'
+_out_logs: list[logging.FileHandler] = []  # the out.log of every open run
 
 
-def run_folder(args) -> str:
-    """Creates and returns the original's run folder <log_dir>/<Mon DD_HH-MM-SS>_<host><comment>; a run started in
-    the same second with the same comment gets <name>_1, _2, ... instead of sharing (overwriting) the folder."""
+def run_folder(args, name: str | None = None) -> str:
+    """Creates and returns <log_dir>/<name>; ``name`` defaults to the original's <Mon DD_HH-MM-SS>_<host><comment>.
+    A run started in the same second with the same name gets <name>_1, _2, ... instead of sharing (overwriting)
+    the folder."""
     stamp = datetime.now().strftime("%b%d_%H-%M-%S")
-    base = os.path.join(args.log_dir, f"{stamp}_{socket.gethostname()}{args.comment}")
+    base = os.path.join(args.log_dir, name.format(time=stamp) if name else f"{stamp}_{socket.gethostname()}{args.comment}")
     try:
         os.makedirs(args.log_dir, exist_ok=True)
         for n in range(1000):
@@ -161,15 +172,108 @@ def load_history(folder: str) -> list[dict]:
         return []
 
 
-class Run:
-    """What a run writes: TensorBoard scalars, metrics.json and checkpoints in one run folder.
+def echo(line: str) -> None:
+    """Prints a console line on stdout (on a line of its own, never glued onto a progress bar) and appends it to
+    the out.log of every open run."""
+    from tqdm import tqdm
 
-    Only the process of rank 0 writes (``enabled``); the others keep the same interface and write nothing.
+    tqdm.write(line, file=sys.stdout)
+    for handler in _out_logs:
+        handler.acquire()
+        try:
+            handler.stream.write(line + "\n")
+            handler.flush()
+        finally:
+            handler.release()
+
+
+class TqdmLogHandler(logging.StreamHandler):
+    """Logging on stderr through ``tqdm.write``: a log line never glues onto a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+def git_commit() -> str | None:
+    """The project's git commit (with '+changes' when the work tree differs from it), or None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def split_metric(name: str) -> tuple[str, int, str] | None:
+    """'test recall_top10_correct_adj' -> ('test', 10, 'adj'); None for another name."""
+    m = _METRIC.match(name)
+    return (m.group(1), int(m.group(2)), m.group(3)) if m else None
+
+
+def headline_recall(metrics: dict[str, float], split: str, k: int) -> float:
+    """The split's recall@k: of the composition view (MIT-States, Fashion200k), else the mean over the query
+    groups (Fashion IQ categories, NaN groups left out); NaN when absent."""
+    if f"{split} recall_top{k}_correct_composition" in metrics:
+        return metrics[f"{split} recall_top{k}_correct_composition"]
+    values = [v for name, v in metrics.items() if (split_metric(name) or ("", 0, ""))[:2] == (split, k)
+              and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def summary_table(metrics: dict[str, float], it: int, best: dict | None) -> list[str]:
+    """The compact table printed after each evaluation: recall@1/5/10/50 in % per split and view, the iteration
+    and the best score so far."""
+    rows: dict[tuple[str, str], dict[int, float]] = {}
+    for name, value in metrics.items():
+        parts = split_metric(name)
+        if parts and parts[1] in SUMMARY_KS:
+            rows.setdefault((parts[0], parts[2]), {})[parts[1]] = value
+    width = max([len(f"{s} {v}") for s, v in rows] + [16])
+    lines = [f"{'iteration ' + str(it):<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in SUMMARY_KS) + "  (%)"]
+    for (split, view), recalls in rows.items():
+        cells = " ".join(f"{100 * recalls[k]:6.2f}" if k in recalls else f"{'':>6}" for k in SUMMARY_KS)
+        lines.append(f"{split + ' ' + view:<{width}} {cells}")
+    if best is not None:
+        lines.append(f"best so far: {best['metric']} {100 * best['value']:.2f}% at iteration {best['it']}")
+    return lines
+
+
+class LogBuffer(logging.Handler):
+    """Keeps the log records of a run's start, for its out.log (the folder is created after the inputs are checked)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class Run:
+    """What a run writes into its folder: args.json, out.log, TensorBoard events, metrics.json and checkpoints.
+
+    ``score``: metrics -> the number that picks the best evaluation, named ``score_name``. ``created``: the folder
+    is new, so a run that fails before its first step (``started`` still False) removes it (``abort``). Only the
+    process of rank 0 writes (``enabled``); the others keep the same interface and write nothing.
     """
 
-    def __init__(self, args, folder: str, enabled: bool = True):
-        self.args, self.folder, self.enabled = args, folder, enabled
+    def __init__(self, args, folder: str, enabled: bool = True, *, device=None, metric_names: tuple = (),
+                 score: Callable[[dict], float] | None = None, score_name: str = "", created: bool = False,
+                 early: LogBuffer | None = None):
+        self.args, self.folder, self.enabled, self.created = args, folder, enabled, created
+        self.score, self.score_name = score, score_name
         self.history: list[dict] = []
+        self.best: dict | None = None
+        self.started = False
         self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
         self.lock: RunLock | None = None
         if not enabled:
@@ -183,23 +287,56 @@ class Run:
                                  f"--log_dir") from None
         self.lock = RunLock(folder)  # a second process training in this folder is refused here
         remove_stale_temp_files(folder)
-        self.writer = SummaryWriter(folder)
-        for key, value in vars(args).items():
-            self.writer.add_text(key, str(value))
+        self.out_log = logging.FileHandler(os.path.join(folder, "out.log"), encoding="utf-8")
+        self.out_log.setFormatter(logging.Formatter(LOG_FORMAT))
+        for record in early.records if early is not None else ():
+            self.out_log.handle(record)
+        if early is not None:
+            logging.getLogger().removeHandler(early)
+        logging.getLogger().addHandler(self.out_log)
+        _out_logs.append(self.out_log)
         self.history = load_history(folder)  # a resumed run keeps its history
+        for entry in self.history:
+            self._update_best(entry)
+        self.record = {"args": {k: v for k, v in vars(args).items()}, "git_commit": git_commit(),
+                       "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
+                       "device_name": _device_name(device), "host": socket.gethostname(), "command": sys.argv}
+        write_json(os.path.join(folder, "args.json"), self.record)
+        self.writer = SummaryWriter(folder)
+        self.writer.add_text("args", args_table(self.record))
+        self.writer.add_custom_scalars(custom_layout(metric_names))
 
+    # -- TensorBoard tags: loss/<term>, lr, <split>/<metric>
     def scalars(self, values: dict[str, float], it: int) -> None:
+        """The training scalars: every loss term (under the original's names) and 'learning_rate'."""
         if not self.enabled:
             return
         for name, value in values.items():
-            self.writer.add_scalar(name, value, it)
+            self.writer.add_scalar("lr" if name == "learning_rate" else f"loss/{name}", value, it)
+
+    def _update_best(self, entry: dict) -> None:
+        if self.score is None:
+            return
+        value = self.score(entry)
+        if not math.isnan(value) and (self.best is None or value > self.best["value"]):
+            self.best = {"metric": self.score_name, "value": value, "it": entry["it"]}
 
     def metrics(self, metrics: dict[str, float], it: int) -> None:
-        self.scalars(metrics, it)
+        """One evaluation: TensorBoard '<split>/<metric>', metrics.json (latest, history, best) and the summary
+        table on the console."""
         self.history.append({"it": it, **metrics})
-        if self.enabled:
-            write_json(os.path.join(self.folder, "metrics.json"),
-                       {**self.info, "latest": self.history[-1], "history": self.history})
+        self._update_best(self.history[-1])
+        if not self.enabled:
+            return
+        for name, value in metrics.items():
+            split, _, metric = name.partition(" ")
+            self.writer.add_scalar(f"{split}/{metric}", value, it)
+        data = {**self.info, "latest": self.history[-1], "history": self.history}
+        if self.best is not None:
+            data["best"] = self.best
+        write_json(os.path.join(self.folder, "metrics.json"), data)
+        for line in summary_table(metrics, it, self.best):
+            echo(line)
 
     def image(self, tag: str, picture, it: int, file_name: str = "") -> None:
         """A PIL image to TensorBoard under ``tag`` at step ``it`` and, with ``file_name``, atomically to
@@ -219,18 +356,105 @@ class Run:
             save_checkpoint(os.path.join(self.folder, name), state)
 
     def release(self) -> None:
-        """Removes this run's lock file (also done by ``close``)."""
+        """Removes this run's lock file (also done by ``close`` and ``abort``)."""
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
 
-    def close(self, final: dict[str, float]) -> None:
+    def close(self, final: dict[str, float], it: int = 0) -> None:
+        """hparams (the main settings first; metrics: the final and the best test recall@1 and @10), then the
+        files closed and the lock released."""
         self.release()
         if not self.enabled:
             return
         from torch.utils.tensorboard.summary import hparams
 
-        hp = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(self.args).items()}
-        for summary in hparams(hp, {k: v for k, v in final.items() if k.startswith("test ")}):
+        scores = {}
+        if final:
+            # the test numbers of the best iteration (with --select_on val: the test evaluation of best_checkpoint)
+            best_entries = [e for e in self.history if self.best and e["it"] == self.best["it"]
+                            and any(k.startswith("test ") for k in e)]
+            best_entry = best_entries[-1] if best_entries else final
+            for k in (1, 10):
+                scores[f"hparam/test_R@{k}_final"] = headline_recall(final, "test", k)
+                scores[f"hparam/test_R@{k}_best"] = headline_recall(best_entry, "test", k)
+            for tag, value in scores.items():
+                self.writer.add_scalar(tag, value, it)
+        for summary in hparams(hparams_of(self.args), scores):
             self.writer.file_writer.add_summary(summary)
-        self.writer.close()
+        self._release()
 
+    def abort(self, error: str = "") -> None:
+        """A failed run: ``error`` (the line main.py prints) ends its out.log; a run that failed before its first
+        step has its new folder removed (a resumed run's is kept)."""
+        if not self.enabled:
+            return
+        if error and getattr(self, "out_log", None) is not None:
+            self.out_log.stream.write(error + "\n")
+        self._release()
+        self.release()
+        if self.created and not self.started:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _release(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
+            self.writer = None
+        if getattr(self, "out_log", None) is not None:
+            logging.getLogger().removeHandler(self.out_log)
+            if self.out_log in _out_logs:
+                _out_logs.remove(self.out_log)
+            self.out_log.close()
+            self.out_log = None
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _device_name(device) -> str | None:
+    import torch
+
+    if device is not None and getattr(device, "type", None) == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+HPARAMS_FIRST = ("model", "dataset", "loss", "text_encoder", "learning_rate", "batch_size", "weight_decay",
+                 "num_iters", "seed")
+
+
+def hparams_of(args) -> dict:
+    """The run's settings for TensorBoard's hparams table: the main ones first, then every flag."""
+    values = dict(vars(args))
+    values["text_encoder"] = f"bert {values.get('bert_model')}" if values.get("use_bert") else f"lstm {values.get('lstm_dim')}"
+    ordered = {k: values[k] for k in HPARAMS_FIRST if k in values}
+    ordered.update({k: v for k, v in values.items() if k not in ordered})
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in ordered.items()}
+
+
+def args_table(info: dict) -> str:
+    """The args (and the code's version, torch and device) as one markdown table, for one TensorBoard text card."""
+    rows = [(f"--{k}", v) for k, v in info["args"].items()]
+    rows += [(k, info[k]) for k in ("git_commit", "torch", "python", "device", "device_name", "host")]
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    return "| setting | value |\n|---|---|\n" + "\n".join(f"| {cell(k)} | `{cell(v)}` |" for k, v in rows)
+
+
+def custom_layout(metric_names) -> dict:
+    """TensorBoard's custom-scalars layout: train and test recall@1 on one chart, recall@10 on another, and the
+    loss terms together. ``metric_names``: the evaluation's '<split> <metric>' names."""
+    charts = {}
+    for k in (1, 10):
+        tags = []
+        for name in metric_names:
+            parts = split_metric(name)
+            if parts and parts[1] == k and (parts[2] == "composition" or not any(
+                    split_metric(n) and split_metric(n)[2] == "composition" for n in metric_names)):
+                split, _, metric = name.partition(" ")
+                tags.append(f"{split}/{metric}")
+        charts[f"R@{k}"] = ["Multiline", tags]
+    charts["losses"] = ["Multiline", [r"loss/.*"]]
+    return {"retrieval": charts}

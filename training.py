@@ -14,7 +14,8 @@ import torch
 import datasets
 import img_text_composition_models as models
 import test_retrieval
-from checkpoint import WriteFailed, checkpoint_state, nonfinite_tensors
+import runlog
+from checkpoint import WriteFailed, checkpoint_state, evaluation_state, nonfinite_tensors
 from runlog import Run
 from torch_functions import UserInputError, distributed_world
 
@@ -239,7 +240,8 @@ def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.ut
 
 
 def evaluate_all(args, model, tasks: dict, device, run: Run | None = None, it: int = 0) -> dict[str, float]:
-    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them.
+    """'train <metric>' and 'test <metric>' for the fixed retrieval tasks, printed as the original printed them
+    (``print('    ', name, round(value, 4))``; scripts parse these lines).
 
     With ``run``: the picture of a seeded sample of test queries and their top-5 (``visualize.training_picture``,
     from the features just computed) goes to TensorBoard as ``test/retrievals`` and to
@@ -260,8 +262,29 @@ def evaluate_all(args, model, tasks: dict, device, run: Run | None = None, it: i
                 run.image("test/retrievals", picture, it, f"retrievals_{it}.png")
     if distributed_world()[0] == 0:
         for name, value in out.items():
-            print("    ", name, round(value, 4), flush=True)
+            runlog.echo(" ".join(map(str, ("    ", name, round(value, 4)))))
     return out
+
+
+def metric_names(tasks: dict) -> list[str]:
+    """The '<split> <metric>' names that ``evaluate_all`` gives for ``tasks``, known without evaluating."""
+    return [f"{split} {name}" for split, (_, task) in tasks.items() for name in test_retrieval.metric_names(task)]
+
+
+def best_metric_name(names: list[str], best_metric: str, split: str = "test") -> str:
+    """What ``best_score`` reads on ``split``, by name; an unknown --best_metric is refused (before training
+    starts)."""
+    prefix = f"{split} "
+    known = [n[len(prefix):] for n in names if n.startswith(prefix)]
+    if best_metric != "auto":
+        if best_metric not in known:
+            raise UserInputError(f"--best_metric {best_metric}: no such {split} metric; use auto or one of "
+                                 f"{', '.join(known)}")
+        return prefix + best_metric
+    if "recall_top1_correct_composition" in known:
+        return prefix + "recall_top1_correct_composition"
+    return f"mean {split} recall_top10 over " + ", ".join(n[len("recall_top10_correct_"):] for n in known
+                                                          if n.startswith("recall_top10_correct_"))
 
 
 def best_score(metrics: dict[str, float], name: str, split: str = "test") -> float:
@@ -304,7 +327,7 @@ def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -
     factory.load_weights(model, ckpt, path)
     best_it = int(ckpt["it"])
     if distributed_world()[0] == 0:
-        print(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}", flush=True)
+        runlog.echo(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}")
     if "test" not in tasks:
         import cirr_submission
 
@@ -378,11 +401,12 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
             raise WriteFailed(f"cannot write {what} ({exc.strerror or exc}); the file there is unchanged. "
                               f"{advice}") from None
 
-    def save(name: str) -> None:
+    def save(name: str, make_state=state) -> None:
         nonlocal last_good
         path = os.path.join(run.folder, name)
-        written(path, lambda: run.save(name, state))
-        last_good = path
+        written(path, lambda: run.save(name, make_state))
+        if make_state is state:  # a full state: resumable (best_checkpoint.pth holds no optimizer)
+            last_good = path
 
     def stop_on_signal(signum: int) -> None:
         saved = False
@@ -406,6 +430,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                         skipped += 1
                         continue
                     terms = train_step(step_model, batch, optimizer, scheduler, args, device)
+                    run.started = True  # from here on, a failure keeps the run folder
                     it, batch_in_epoch, count = it + 1, batch_in_epoch + 1, count + 1
                     steps_in_epoch += 1
                     sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
@@ -435,7 +460,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks, run: Run, device, 
                         score = best_score(metrics, args.best_metric, getattr(args, "select_on", "test"))
                         if score > best:
                             best = score
-                            save("best_checkpoint.pth")
+                            save("best_checkpoint.pth", lambda: evaluation_state(state()))
                     if save_due:
                         save("latest_checkpoint.pth")
                     if world > 1 and log_due:  # every process stops at the same step (the save is a collective)

@@ -48,6 +48,54 @@ def tiny_bert_32(tmp_path_factory) -> str:
     return make_tiny_bert(str(tmp_path_factory.mktemp("bert32")), hidden=32)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# A TIRG + LSTM + soft-triplet run at 32 px, read by tests/test_checkpoint_settings.py and tests/test_run_outputs.py
+TIRG_LSTM_FLAGS = ["--model", "tirg", "--use_bert", "False", "--lstm_dim", "16", "--loss", "soft_triplet",
+                   "--image_size", "32", "--batch_size", "4", "--learning_rate_decay_frequency", "3", "--seed", "3",
+                   "--train_eval_queries", "8", "--image_weights", "none", "--eval_every", "1000", "--log_every", "1"]
+
+
+def execution_flags(log_dir) -> list[str]:
+    """Flags that only decide how a run is executed or observed."""
+    return ["--device", "cpu", "--loader_num_workers", "0", "--log_dir", str(log_dir)]
+
+
+def run_main_captured(argv: list[str]) -> tuple[int, str, str]:
+    """main.main(argv) on one thread -> (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+    import logging
+
+    import main
+
+    out, err = io.StringIO(), io.StringIO()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(err)  # pytest holds the root logger: the log lines are captured here too
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main.main(argv)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        torch.set_num_threads(before)
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_mitstates(tmp_path_factory) -> str:
+    import synthetic
+
+    path = str(tmp_path_factory.mktemp("tiny_mitstates") / "data")
+    synthetic.generate_synthetic(path, seed=0, image_size=32, n_train_nouns=2, n_test_nouns=1, adjectives_per_noun=3,
+                                 images_per_class=3)
+    return path
+
+
 # Triplets (--dataset triplets) on the tiny synthetic data: 18 training rows, 36 test rows over 18 test images.
 TRIPLETS_TINY = dict(image_size=32, n_train_nouns=2, n_test_nouns=2, adjectives_per_noun=3, images_per_class=3)
 
@@ -87,6 +135,27 @@ def triplets_data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tirg_lstm_run(tmp_path_factory, tiny_mitstates) -> dict:
+    """4 iterations (one epoch of 18 training images), evaluated once, at the end."""
+    import glob
+
+    log_dir = tmp_path_factory.mktemp("tirg_lstm_run")
+    argv = ["--dataset", "mitstates", "--dataset_path", tiny_mitstates, *TIRG_LSTM_FLAGS, "--num_iters", "4",
+            *execution_flags(log_dir)]
+    rc, out, err = run_main_captured(argv)
+    assert rc == 0, err
+    (folder,) = glob.glob(os.path.join(str(log_dir), "*"))
+    return {"folder": folder, "stdout": out, "stderr": err, "log_dir": str(log_dir), "data": tiny_mitstates,
+            "flags": TIRG_LSTM_FLAGS}
+
+
+@pytest.fixture(scope="session")
+def run_main_cli():
+    """``run_main_captured``: main.main(argv) -> (exit code, stdout, stderr)."""
+    return run_main_captured
+
+
+@pytest.fixture(scope="session")
 def triplets_run(tmp_path_factory, triplets_data) -> dict:
     """2 training iterations (one evaluation, at the end), then --test_only of the final checkpoint."""
     import glob
@@ -98,7 +167,7 @@ def triplets_run(tmp_path_factory, triplets_data) -> dict:
     ckpt = os.path.join(folder, "latest_checkpoint.pth")
     test_log = tmp_path_factory.mktemp("triplets_test_only")
     rc, test_out = main_stdout(triplets_cli(triplets_data, test_log, "--test_only", "True",
-                                            "--model_checkpoint", ckpt))
+                                            "--model_checkpoint", ckpt, "--eval_splits", "train,test"))
     assert rc == 0
     return {"folder": folder, "ckpt": ckpt, "train_stdout": train_out, "test_stdout": test_out}
 

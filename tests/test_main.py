@@ -232,11 +232,14 @@ def test_test_only_lstm_prints_the_final_evaluation(lstm_run, data_dir, tmp_path
     ckpt = os.path.join(lstm_run["folder"], "latest_checkpoint.pth")
     expected = metric_lines(lstm_run["stdout"])
     assert len(expected) == 30
-    rc = main.main(lstm_ae_args(data_dir, tmp_path, 4)[:-2] + ["--test_only", "True", "--model_checkpoint", ckpt])
+    rc = main.main(lstm_ae_args(data_dir, tmp_path, 4)[:-2] + ["--test_only", "True", "--model_checkpoint", ckpt,
+                                                                "--eval_splits", "test,train"])
     assert rc == 0
     assert metric_lines(capsys.readouterr().out) == expected
-    # the test-only run logs to its own run folder and leaves the checkpoint alone
-    with open(os.path.join(only_run_folder(tmp_path), "metrics.json")) as f:
+    # the test-only run logs to its own evaluation folder and leaves the checkpoint alone
+    folder = only_run_folder(tmp_path)
+    assert re.fullmatch(r"eval_[A-Z][a-z]{2}\d{2}_\d{2}-\d{2}-\d{2}_latest_checkpoint_unit", os.path.basename(folder))
+    with open(os.path.join(folder, "metrics.json")) as f:
         assert f"test {expected[-1].split()[1]}" in json.load(f)["latest"]
 
 
@@ -255,15 +258,14 @@ def test_test_only_lstm_takes_the_vocabulary_from_the_checkpoint(lstm_run, data_
     assert rc == 0
     got = metric_lines(capsys.readouterr().out)
     test_lines = [line for line in metric_lines(lstm_run["stdout"]) if line.startswith("     test ")]
-    assert [line for line in got if line.startswith("     test ")] == test_lines
-    assert len(got) == 30
+    assert got == test_lines and len(got) == 15  # --test_only evaluates the test split by default
 
 
 def test_test_only_bert_prints_the_final_evaluation(bert_run, data_dir, tiny_bert_32, tmp_path, capsys):
     expected = metric_lines(bert_run["stdout"])
     assert len(expected) == 30
     rc = main.main(bert_args(data_dir, tiny_bert_32, tmp_path, 5, "--test_only", "True", "--model_checkpoint",
-                             bert_run["ckpt"]))
+                             bert_run["ckpt"], "--eval_splits", "train,test"))
     assert rc == 0
     assert metric_lines(capsys.readouterr().out) == expected
 
@@ -397,9 +399,17 @@ def test_boolean_flags_mean_what_they_say(text, value):
     assert a.use_bert is value and a.use_complete_text_query is value and a.test_only is value
 
 
-def test_readme_flag_table_lists_every_flag_once():
-    """The README's flag table cannot fall behind the parser (it once missed two added flags)."""
-    readme = open(os.path.join(os.path.dirname(os.path.abspath(main.__file__)), "README.md")).read()
+def test_readme_flag_tables_are_the_parsers():
+    """The README's flag tables are tools/flag_table.py's output for the parser (groups, flags, help, defaults), and
+    list every flag once."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flag_table", os.path.join(REPO, "tools", "flag_table.py"))
+    flag_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flag_table)
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme[readme.index("<!-- flag-tables -->\n") + 21: readme.index("<!-- /flag-tables -->")]
+    assert section == flag_table.flag_tables()
     table = re.findall(r"^\| `(-[-\w]+)` \|", readme, flags=re.MULTILINE)
     flags = [s for action in main.get_args_parser()._actions for s in action.option_strings if s not in ("-h", "--help")]
     assert sorted(table) == sorted(flags)
@@ -475,13 +485,15 @@ def test_cli_bad_dataset_path_prints_no_traceback(tmp_path):
 def test_tensorboard_events_hold_losses_rate_metrics_and_args(lstm_run, bert_run):
     acc = events(lstm_run["folder"])
     scalars = set(acc.Tags()["scalars"])
-    expected = set(LOSS_TERMS_AE) | {"learning_rate", "train recall_top1_correct_composition",
-                                     "test recall_top1_correct_composition", "test recall_top5_correct_adj",
-                                     "test recall_top100_correct_noun"}
+    expected = {f"loss/{t}" for t in LOSS_TERMS_AE} | {"lr", "train/recall_top1_correct_composition",
+                                                       "test/recall_top1_correct_composition",
+                                                       "test/recall_top5_correct_adj", "test/recall_top100_correct_noun"}
     assert expected <= scalars, expected - scalars
-    assert "batch_based_classification" not in scalars
+    assert "loss/batch_based_classification" not in scalars
+    # a few groups (loss, lr, train, test, hparam), not one chart per scalar
+    assert {tag.split("/")[0] for tag in scalars} == {"loss", "lr", "train", "test", "hparam"}
     # losses logged every iteration (--log_every 1); the total is the weighted sum (ComposeAE Eq. 13)
-    values = {name: {e.step: e.value for e in acc.Scalars(name)} for name in LOSS_TERMS_AE}
+    values = {name: {e.step: e.value for e in acc.Scalars(f"loss/{name}")} for name in LOSS_TERMS_AE}
     for name in LOSS_TERMS_AE:
         assert sorted(values[name]) == [1, 2, 3, 4], name
     for it in range(1, 5):
@@ -493,23 +505,23 @@ def test_tensorboard_events_hold_losses_rate_metrics_and_args(lstm_run, bert_run
     with open(os.path.join(lstm_run["folder"], "metrics.json")) as f:
         latest = json.load(f)["latest"]
     for name in ("train recall_top1_correct_composition", "test recall_top1_correct_composition"):
-        at_4 = [e.value for e in acc.Scalars(name) if e.step == 4]
+        at_4 = [e.value for e in acc.Scalars(name.replace(" ", "/")) if e.step == 4]
         assert len(at_4) == 1 and math.isclose(at_4[0], latest[name], rel_tol=1e-6)
-    # the args as text, one tag per flag
-    tensors = set(acc.Tags()["tensors"])
-    assert {"dataset/text_summary", "model/text_summary", "num_iters/text_summary", "use_bert/text_summary"} <= tensors
-    texts = {t: acc.Tensors(t)[0].tensor_proto.string_val[0].decode() for t in ("model/text_summary",
-                                                                                  "num_iters/text_summary")}
-    assert texts == {"model/text_summary": "composeAE", "num_iters/text_summary": "4"}
+    # the args as one text card: a markdown table
+    text_tags = [t for t in acc.Tags()["tensors"] if t.endswith("/text_summary")]
+    assert text_tags == ["args/text_summary"], text_tags
+    card = acc.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert card.startswith("| setting | value |\n|---|---|\n")
+    assert "| --model | `composeAE` |" in card and "| --num_iters | `4` |" in card
 
     bert_scalars = set(events(bert_run["folder"]).Tags()["scalars"])
-    assert {"batch_based_classification", "total training loss", "learning_rate"} <= bert_scalars
-    assert not {"soft_triplet", "L2_loss", "rot_sym_loss"} & bert_scalars  # TIRG has no autoencoder terms
+    assert {"loss/batch_based_classification", "loss/total training loss", "lr"} <= bert_scalars
+    assert not {"loss/soft_triplet", "loss/L2_loss", "loss/rot_sym_loss"} & bert_scalars  # TIRG: no autoencoder terms
 
 
 def test_tensorboard_test_metrics_only_at_evaluation_steps(lstm_run):
     acc = events(lstm_run["folder"])
-    for name in ("train recall_top1_correct_composition", "test recall_top1_correct_composition"):
+    for name in ("train/recall_top1_correct_composition", "test/recall_top1_correct_composition"):
         assert [e.step for e in acc.Scalars(name)] == [4], name
 
 
@@ -542,7 +554,7 @@ def test_optimizer_groups_cover_every_parameter_once(data_dir, tiny_bert_32):
 
 
 def test_logged_learning_rate_decays_after_decay_frequency(lstm_run):
-    rates = {e.step: e.value for e in events(lstm_run["folder"]).Scalars("learning_rate")}
+    rates = {e.step: e.value for e in events(lstm_run["folder"]).Scalars("lr")}
     assert rates == pytest.approx({1: 0.01, 2: 0.01, 3: 0.001, 4: 0.001})
 
 
@@ -575,6 +587,8 @@ def test_nan_loss_stops_with_one_line_naming_the_iteration(data_dir, tmp_path, m
     assert "not finite" in message or "nan" in message.lower()
     ckpt = load(os.path.join(only_run_folder(tmp_path), "latest_checkpoint.pth"))
     assert ckpt["it"] == 2  # the last good one, untouched
+    with open(os.path.join(only_run_folder(tmp_path), "out.log")) as f:
+        assert f.read().splitlines()[-1] == message  # the run's log ends with the error
     assert all(torch.isfinite(v).all() for v in ckpt["model_state_dict"].values() if v.is_floating_point())
     assert not metric_lines(out)
 
@@ -630,7 +644,7 @@ def test_original_code_checkpoint_of_a_bert_model_evaluates(data_dir, tiny_bert_
     out = capsys.readouterr().out
     assert rc == 0
     lines = metric_lines(out)
-    assert len(lines) == 30
+    assert len(lines) == 15
     # the metrics of exactly these weights
     expected = test_retrieval.evaluate(model, testset, testset.test_task(), batch_size=4, device="cpu",
                                        progress=False)
@@ -673,7 +687,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(lstm_run, data_di
         rc, _ = run_cli(lstm_ae_args(data_dir, tmp_path, 4)[:-2] + ["--test_only", "True", "--model_checkpoint", ckpt])
         assert rc == 0
     folders = sorted(os.listdir(tmp_path))
-    assert len(folders) == 2 and folders[0] == f"Mar05_10-20-30_{socket.gethostname()}_unit", folders
+    assert folders == ["eval_Mar05_10-20-30_latest_checkpoint_unit", "eval_Mar05_10-20-30_latest_checkpoint_unit_1"]
     for folder in folders:
         with open(tmp_path / folder / "metrics.json") as f:
             assert len(json.load(f)["history"]) == 1
