@@ -47,8 +47,8 @@ def init_distributed(args) -> torch.device:
 
 
 def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = None):
-    """The model and the original's SGD: ``img_model.fc`` at the learning rate, the rest of the ResNet at 0.1x
-    (1x on CSS3D, as TIRG), everything else at 1x; momentum 0.9; the rate x0.1 every --learning_rate_decay_frequency iterations."""
+    """The model and the original's SGD: ``img_model.fc`` at the learning rate, the rest of the ResNet at
+    ``--resnet_lr_scale`` (0.1x; 1x on CSS3D, as TIRG), everything else at 1x; momentum 0.9; the rate x0.1 every --learning_rate_decay_frequency iterations."""
     if args.use_bert:
         encoder = text_model.build_text_encoder("bert", bert_model=args.bert_model)
     else:
@@ -64,9 +64,7 @@ def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = 
     seen |= {id(p) for p in body}
     rest = [p for p in model.parameters() if id(p) not in seen]
     lr = args.learning_rate
-    # TIRG trains the whole model at the full rate on CSS3D (its main.py: the 0.1x body only on the real photos)
-    body_lr = lr if args.dataset == "css3d" else 0.1 * lr
-    groups = [{"params": fc, "lr": lr}, {"params": body, "lr": body_lr}, {"params": rest, "lr": lr}]
+    groups = [{"params": fc, "lr": lr}, {"params": body, "lr": args.resnet_lr_scale * lr}, {"params": rest, "lr": lr}]
     # fused=None lets PyTorch pick its fastest implementation (foreach on CUDA); the math is plain SGD either way
     optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=args.weight_decay)
     freq = args.learning_rate_decay_frequency

@@ -199,10 +199,11 @@ def test_2d_rendering_without_images_and_files_with_them(css, tmp_path):
 def test_css3d_trains_the_resnet_body_at_the_full_rate_as_tirg(css):
     import factory
 
-    for dataset, body_scale in (("css3d", 1.0), ("mitstates", 0.1)):
+    for dataset, body_scale, extra in (("css3d", 1.0, []), ("mitstates", 0.1, []),
+                                       ("css3d", 0.5, ["--resnet_lr_scale", "0.5"])):
         args = main.resolve_defaults(main.get_args_parser().parse_args(
             ["--dataset", dataset, "--dataset_path", css, "--image_weights", "none", "--model", "tirg",
-             "--lstm_dim", "16"]))
+             "--lstm_dim", "16", *extra]))
         _, optimizer, _ = factory.create_model_and_optimizer(args, ["make it blue"])
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.01, 0.01 * body_scale, 0.01])
 
