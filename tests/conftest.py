@@ -173,6 +173,12 @@ def triplets_run(tmp_path_factory, triplets_data) -> dict:
 
 
 @pytest.fixture(scope="session")
+def run_main():
+    """``main_stdout``: main.main(argv) on one thread -> (exit code, stdout)."""
+    return main_stdout
+
+
+@pytest.fixture(scope="session")
 def triplets_tools():
     """The helpers above for test modules (conftest itself is not importable under --import-mode=importlib)."""
     import types

@@ -3,8 +3,6 @@
 captions, non-square images of different sizes), and the test-server submission files."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -138,18 +136,6 @@ def test_submission_dicts_format(cirr):
     assert subset["300"][0] == "test1-1-1-img1"  # among members 1..5 the ties go to the lower gallery position
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main.main(argv)
-    finally:
-        torch.set_num_threads(before)
-    return rc, out.getvalue()
-
-
 def _flags(cirr, log_dir) -> list[str]:
     return ["--dataset", "cirr", "--dataset_path", cirr, "--image_size", str(S), "--batch_size", "3",
             "--train_eval_queries", "3", "--loader_num_workers", "0", "--log_dir", str(log_dir), "--device", "cpu",
@@ -167,21 +153,21 @@ def _check_submission(folder: str, test1) -> None:
         assert len(sub) == 3 and e["reference"] not in sub and set(sub) <= set(e["members"])
 
 
-def test_cli_val_protocol_select_on_val_and_submission(cirr, tmp_path):
+def test_cli_val_protocol_select_on_val_and_submission(run_main, cirr, tmp_path):
     test1 = datasets.CIRR(cirr, "test1", image_size=S)
-    rc, out = _run(_flags(cirr, tmp_path / "a") + ["--num_iters", "2", "--eval_every", "1"])
+    rc, out = run_main(_flags(cirr, tmp_path / "a") + ["--num_iters", "2", "--eval_every", "1"])
     assert rc == 0
     names = re.findall(r"^     test (\S+) ", out, re.M)
     assert names[:7] == [f"recall_top{k}_correct_composition" for k in (1, 5, 10, 50)] + \
         [f"recall_subset_top{k}_correct_composition" for k in (1, 2, 3)]
     (run,) = os.listdir(tmp_path / "a")
     ckpt = os.path.join(tmp_path, "a", run, "latest_checkpoint.pth")
-    rc, out = _run(_flags(cirr, tmp_path / "b") + ["--test_only", "True", "--model_checkpoint", ckpt,
+    rc, out = run_main(_flags(cirr, tmp_path / "b") + ["--test_only", "True", "--model_checkpoint", ckpt,
                                                     "--submission_dir", str(tmp_path / "sub")])
     assert rc == 0
     _check_submission(str(tmp_path / "sub"), test1)
     # --select_on val: val picks the checkpoint; test1 (the server's) gets the best checkpoint's predictions
-    rc, out = _run(_flags(cirr, tmp_path / "c") + ["--num_iters", "2", "--eval_every", "1", "--select_on", "val",
+    rc, out = run_main(_flags(cirr, tmp_path / "c") + ["--num_iters", "2", "--eval_every", "1", "--select_on", "val",
                                                     "--submission_dir", str(tmp_path / "sub_val")])
     assert rc == 0 and "     val recall_subset_top1_correct_composition" in out and "     test " not in out
     _check_submission(str(tmp_path / "sub_val"), test1)

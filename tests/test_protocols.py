@@ -4,8 +4,6 @@ and --select_on val (picks on validation, evaluates test once)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import math
@@ -135,18 +133,6 @@ def test_fashioniq_standard_differs_from_composeae(tmp_path):
     assert test_retrieval.retrieval_metrics(ctask, q, g)["recall_top10_correct_dress"] == 0.0  # rank 13
 
 
-def _run(argv: list[str]) -> tuple[int, str]:
-    out = io.StringIO()
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main.main(argv)
-    finally:
-        torch.set_num_threads(before)
-    return rc, out.getvalue()
-
-
 def _flags(dataset: str, path: str, log_dir, *extra: str) -> list[str]:
     return ["--dataset", dataset, "--dataset_path", path, "--image_size", "32", "--batch_size", "2",
             "--train_eval_queries", "4", "--loader_num_workers", "0", "--log_dir", str(log_dir), "--device", "cpu",
@@ -158,9 +144,9 @@ def _record(log_dir) -> dict:
     return json.load(open(os.path.join(log_dir, folder, "metrics.json")))
 
 
-def test_cli_fashioniq_standard_records_protocol_and_select_on_val_refusals(tmp_path, capsys):
+def test_cli_fashioniq_standard_records_protocol_and_select_on_val_refusals(run_main, tmp_path, capsys):
     root = make_fiq(tmp_path / "fiq")
-    rc, out = _run(_flags("fashionIQ", root, tmp_path / "a", "--num_iters", "1", "--fashioniq_protocol", "standard"))
+    rc, out = run_main(_flags("fashionIQ", root, tmp_path / "a", "--num_iters", "1", "--fashioniq_protocol", "standard"))
     assert rc == 0 and "     test recall_top50_correct_mean" in out and "recall_top1_correct" not in out
     assert _record(tmp_path / "a")["fashioniq_protocol"] == "standard"
     capsys.readouterr()
@@ -204,9 +190,9 @@ def test_val_nouns_are_seeded_and_disjoint(mit):
     assert len(drawn) > 1  # the seed decides which noun
 
 
-def test_cli_select_on_val_picks_on_val_and_tests_once(mit, tmp_path, caplog):
+def test_cli_select_on_val_picks_on_val_and_tests_once(run_main, mit, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        rc, out = _run(_flags("mitstates", mit, tmp_path, "--num_iters", "3", "--eval_every", "1",
+        rc, out = run_main(_flags("mitstates", mit, tmp_path, "--num_iters", "3", "--eval_every", "1",
                               "--select_on", "val", "--val_nouns", "1", "--use_complete_text_query", "True"))
     assert rc == 0
     warnings = [r.getMessage() for r in caplog.records if "not comparable" in r.getMessage()]
