@@ -568,12 +568,12 @@ def target_ranks_from_sims(sims: torch.Tensor, targets: torch.Tensor, exclude: t
     return torch.where(found, before.sum(dim=1), n_valid)
 
 
-def _similarities(query_feats: torch.Tensor, gallery_feats: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities (Q, G) of L2-normalised rows, in full fp32 (a zero row stays zero)."""
+def _similarities(query_feats: torch.Tensor, gallery_unit: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities (Q, G) in full fp32: the query rows L2-normalised here, ``gallery_unit`` already
+    ``normalize_rows`` (normalised once by the caller, not once per query chunk; a zero row stays zero)."""
     with torch.autocast(device_type=query_feats.device.type, enabled=False), _full_fp32_matmul():
         queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
-        gallery = F.normalize(gallery_feats.to(device=query_feats.device, dtype=torch.float32), dim=1)  # (G, D)
-        return queries @ gallery.t()  # (Q, G)
+        return queries @ gallery_unit.to(device=query_feats.device).t()  # (Q, G)
 
 
 def _target_positions(task: RetrievalTask, view: str = "image") -> torch.Tensor:
@@ -607,8 +607,9 @@ def cirr_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: 
     for q, members in enumerate(task.query_subsets or []):
         subsets[q, :len(members)] = torch.tensor(members, dtype=torch.long)
     ranks, subset_ranks = [], []
+    gallery_unit = normalize_rows(gallery_feats)  # (G, D)
     for start, stop in _query_chunks(n_queries, len(task.gallery), max_chunk_elems):
-        sims = _similarities(query_feats[start:stop], gallery_feats)  # (C, G)
+        sims = _similarities(query_feats[start:stop], gallery_unit)  # (C, G)
         ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop]).cpu())
         if task.query_subsets is not None:
             subset_ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop],
@@ -647,7 +648,7 @@ def fashioniq_standard_metrics(task: RetrievalTask, query_feats: torch.Tensor, g
         targets = torch.tensor([where.get(task.query_targets["image"][q], -1) for q in q_idx.tolist()],
                                dtype=torch.long)  # (Qc,) position in this group's gallery
         ranks = []
-        group_gallery = gallery_feats[g_idx.to(gallery_feats.device)]  # (Gc, D)
+        group_gallery = normalize_rows(gallery_feats[g_idx.to(gallery_feats.device)])  # (Gc, D)
         for start, stop in _query_chunks(len(q_idx), len(g_idx), max_chunk_elems):
             sims = _similarities(query_feats[q_idx[start:stop].to(query_feats.device)], group_gallery)  # (C, Gc)
             ranks.append(target_ranks_from_sims(sims, targets[start:stop]).cpu())
@@ -688,8 +689,9 @@ def ranked_names(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: 
     _, idx = top_k(query_feats, gallery_feats, k, exclude, max_chunk_elems)  # (Q, k)
     top = [[labels[i] for i in row] for row in idx.tolist()]
     subset_top = []
+    gallery_unit = normalize_rows(gallery_feats)  # (G, D)
     for start, stop in _query_chunks(len(task.query_source), len(task.gallery), max_chunk_elems):
-        sims = _similarities(query_feats[start:stop], gallery_feats).cpu()  # (C, G)
+        sims = _similarities(query_feats[start:stop], gallery_unit).cpu()  # (C, G)
         for c, q in enumerate(range(start, stop)):
             members = sorted(m for m in task.query_subsets[q] if exclude is None or m != int(exclude[q]))
             member_sims = sims[c, torch.tensor(members, dtype=torch.long)] if members else torch.empty(0)
