@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 import datasets
+import distributed
+import seeding
 import synthetic
 import factory
 import main as main_module
@@ -408,7 +410,7 @@ def run(a: argparse.Namespace) -> dict:
     if min(a.batch_size, a.iters, a.image_size) < 1 or a.warmup < 0 or a.workers < 0:
         raise main_module.UserInputError("--batch_size, --iters and --image_size must be >= 1, --warmup and "
                                          "--workers >= 0")
-    device = factory.pick_device(a.device)
+    device = distributed.pick_device(a.device)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -592,7 +594,7 @@ def resnet18_ceiling(device: torch.device, batch_sizes: Sequence[int] = (32, 256
 def ceiling_main(a: argparse.Namespace) -> dict:
     """--ceiling: batch 32 and 256 at 224 px, 30 timed steps after 10, unless the flags say otherwise."""
     sizes = (a.batch_size,) if a.batch_size else tuple(RESNET18_CEILING_IMAGES_PER_S)
-    return resnet18_ceiling(factory.pick_device(a.device), sizes, iters=a.iters or 30,
+    return resnet18_ceiling(distributed.pick_device(a.device), sizes, iters=a.iters or 30,
                             warmup=10 if a.warmup is None else a.warmup, image_size=a.image_size or 224)
 
 
@@ -614,7 +616,7 @@ def retrieve_main(a: argparse.Namespace) -> dict:
     for key in ("batch_size", "iters", "warmup", "workers"):
         if getattr(a, key) is None:
             setattr(a, key, PRESETS[a.size][key])
-    device = factory.pick_device(a.device)
+    device = distributed.pick_device(a.device)
     os.makedirs(a.data_dir, exist_ok=True)
     words = synthetic_words()
     bert_model = resolve_bert(a.bert_model, a.data_dir, words) if a.text == "bert" else a.bert_model
@@ -623,7 +625,7 @@ def retrieve_main(a: argparse.Namespace) -> dict:
     model, _, _ = factory.create_model_and_optimizer(args, words)
     model.to(device).eval()
     query_path = os.path.join(a.data_dir, "retrieve_query.jpg")
-    rng = datasets.seeded_rng(a.seed)
+    rng = seeding.seeded_rng(a.seed)
     Image.fromarray(synthetic.render_synthetic_image("circle", "red", a.image_size, rng)).save(query_path)
     query = [{"path": query_path, "text": "", "image": query_path, "target": None}]
 

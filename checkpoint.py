@@ -8,7 +8,8 @@ from collections.abc import Mapping
 
 import torch
 
-from torch_functions import UserInputError, distributed_world
+from errors import UserInputError
+from distributed import distributed_world
 
 
 def atomic_write(path: str, write, mode: str = "wb") -> None:

@@ -17,7 +17,7 @@ import torch
 import test_retrieval
 from checkpoint import atomic_write
 from datasets import RetrievalTask
-from torch_functions import distributed_world
+from distributed import distributed_world
 
 logger = logging.getLogger("main")
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.lib.format as npy_format
 
-from torch_functions import UserInputError
+from errors import UserInputError
 
 RENDER_SIZE = 64  # TIRG's 2-D images are 64 x 64
 

@@ -25,7 +25,8 @@ import torch
 import torch.utils.data
 
 from image_cache import BadImageError, ImageCache, load_rgb_uint8  # noqa: F401 (BadImageError: part of the API)
-from torch_functions import UserInputError
+from errors import UserInputError
+from seeding import Stream, seeded_rng, torch_seed
 
 logger = logging.getLogger(__name__)
 
@@ -71,23 +72,6 @@ FASHION_IQ_CATEGORIES = ("dress", "shirt", "toptee")  # the order of category 'a
 FASHION_IQ_PROTOCOLS = ("composeae", "standard")
 
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
-
-# Extra entropy words that keep the random streams apart (SeedSequence treats trailing zeros as absent, so the tags
-# are non-zero and larger than any epoch or index).
-_SAMPLER_TAG = (1 << 40) + 1
-_TRAIN_TASK_TAG = (1 << 40) + 2
-_VAL_NOUNS_TAG = (1 << 40) + 3
-_U64 = 1 << 64
-
-
-def _seed_words(*parts: int) -> list[int]:
-    return [int(p) % _U64 for p in parts]
-
-
-def seeded_rng(*parts: int) -> np.random.Generator:
-    """A numpy Generator that depends only on the integers ``parts`` (negative seeds wrap modulo 2**64)."""
-    return np.random.default_rng(_seed_words(*parts))
-
 
 def _pick(rng: np.random.Generator, seq: Sequence) -> Any:
     """Uniform choice of one element of ``seq`` (non-empty)."""
@@ -188,7 +172,7 @@ class _RetrievalDataset(torch.utils.data.Dataset):
             raise ValueError(f"n_queries must be >= 0, got {n}")
         if n == 0:
             return []
-        rng = seeded_rng(seed, _TRAIN_TASK_TAG)
+        rng = seeded_rng(seed, Stream.TRAIN_TASK)
         chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=n > len(pool))
         return [int(i) for i in chosen]
 
@@ -308,7 +292,7 @@ class MITStates(_RetrievalDataset):
         if n >= len(usable):
             raise UserInputError(f"--val_nouns {n}: only {len(usable)} training nouns with two adjectives under "
                                  f"{images_dir}; hold out fewer so that some remain for training")
-        order = seeded_rng(seed, _VAL_NOUNS_TAG).permutation(len(usable))
+        order = seeded_rng(seed, Stream.VAL_NOUNS).permutation(len(usable))
         return frozenset(usable[int(i)] for i in order[:n])
 
     def __len__(self) -> int:
@@ -405,7 +389,7 @@ class MITStates(_RetrievalDataset):
         sources = self._sample_sources(self._sources, n_queries, seed)
         pairs = []
         for q, s in enumerate(sources):
-            source, target, _ = self.sample_pair(seeded_rng(seed, q, s, _TRAIN_TASK_TAG), s)
+            source, target, _ = self.sample_pair(seeded_rng(seed, q, s, Stream.TRAIN_TASK), s)
             pairs.append((source, target))
         keys, where = self._positions([i for pair in pairs for i in pair])
         target_captions = [self.imgs[t]["captions"][0] for _, t in pairs]
@@ -616,7 +600,7 @@ class Fashion200k(_RetrievalDataset):
         if not self._index_built:
             self._build_caption_index()
         sources = self._sample_sources(self._modifiable, n_queries, seed)
-        pairs = [self.sample_pair(seeded_rng(seed, q, s, _TRAIN_TASK_TAG), s) for q, s in enumerate(sources)]
+        pairs = [self.sample_pair(seeded_rng(seed, q, s, Stream.TRAIN_TASK), s) for q, s in enumerate(sources)]
         keys, where = self._positions([i for pair in pairs for i in pair])
         captions = [self.imgs[t]["captions"][0] for _, t in pairs]
         return RetrievalTask(
@@ -1105,7 +1089,7 @@ class CSS3D(_RetrievalDataset):
             raise ValueError(f"n_queries must be >= 0, got {n_queries}")
         pairs = []
         for q in range(n_queries):
-            source, (mod, target), _ = self.sample_pair(seeded_rng(seed, q, _TRAIN_TASK_TAG))
+            source, (mod, target), _ = self.sample_pair(seeded_rng(seed, q, Stream.TRAIN_TASK))
             pairs.append((source, mod, target))
         keys, where = self._positions([i for s, _, t in pairs for i in (s, t)])
         captions = [self.captions[t] for _, _, t in pairs]
@@ -1294,9 +1278,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def epoch_keys(self, epoch: int) -> list[tuple[int, int, int]]:
         """All ``(epoch, index, slot)`` keys of an epoch, in order (before batching)."""
-        seed = int(np.random.SeedSequence(_seed_words(self.seed, epoch, _SAMPLER_TAG)).generate_state(
-            1, np.uint64)[0])
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(torch_seed(self.seed, epoch, Stream.SAMPLER))
         perm = torch.randperm(self.n_items, generator=generator).tolist()
         k = self.items_per_source
         return [(epoch, perm[j // k], j % k) for j in range(self.n_items)]

@@ -13,37 +13,10 @@ import torch
 
 import img_text_composition_models as models
 import text_model
-from torch_functions import UserInputError, convert_to_global_batchnorm, distributed_world
+from errors import UserInputError
+from distributed import convert_to_global_batchnorm, distributed_world
 
 logger = logging.getLogger("main")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserInputError("--device cuda: no CUDA device is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def init_distributed(args) -> torch.device:
-    """Joins the process group that ``torchrun`` describes (WORLD_SIZE > 1), else nothing; returns the device.
-
-    nccl with one GPU per process (LOCAL_RANK) on CUDA, gloo on the CPU.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return pick_device(args.device)
-    device = pick_device(args.device)
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank()
-    if rank != 0:  # one voice: only rank 0 logs
-        logging.getLogger().setLevel(logging.WARNING)
-    return device
 
 
 def create_model_and_optimizer(args, texts: Sequence[str], vocab: dict | None = None):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from torch_functions import UserInputError
+from errors import UserInputError
 
 logger = logging.getLogger("datasets")
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+import distributed
 import torch_functions
 from text_model import BertTextEncoder, TextLSTMModel
-from torch_functions import UserInputError
+from errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ class ImgEncoderTextEncoderBase(torch.nn.Module):
     def base_loss(self, name: str, composed: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The base loss over the whole (global) batch: with several processes the features are all-gathered."""
         return torch_functions.base_retrieval_loss(
-            name, torch_functions.gather_batch(composed), torch_functions.gather_batch(target),
+            name, distributed.gather_batch(composed), distributed.gather_batch(target),
             generator=self.loss_generator, triplet_grad_scale=self.triplet_grad_scale)
 
     def compute_loss(self, imgs_query: torch.Tensor, texts: Sequence[str] | torch.Tensor, imgs_target: torch.Tensor,

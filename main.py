@@ -27,10 +27,13 @@ import torch
 import img_text_composition_models as models
 from checkpoint import WriteFailed, read_checkpoint, set_rng_state
 from datasets import DATASET_NAMES, FASHION_IQ_PROTOCOLS, SELECT_ON
-from factory import build_experiment, init_distributed, run_info
+from distributed import init_distributed
+from factory import build_experiment, run_info
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, run_folder
 from test_retrieval import NonFiniteFeaturesError
-from torch_functions import LOSS_NAMES, UserInputError, distributed_world
+from errors import UserInputError
+from distributed import distributed_world
+from torch_functions import LOSS_NAMES
 from training import (Interrupted, TrainingDiverged, best_metric_name, best_score, evaluate_all,
                       evaluate_best_on_test, metric_names, train)
 

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
-from torch_functions import UserInputError
+from errors import UserInputError
 
 logger = logging.getLogger("retrieve")
 
@@ -394,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
     files = scan_gallery(args.gallery)
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
-    device = factory.pick_device(args.device)
+    device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
     if args.dataset_path:
         import main

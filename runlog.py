@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Callable
 
 from checkpoint import atomic_write, save_checkpoint
-from torch_functions import UserInputError
+from errors import UserInputError
 
 logger = logging.getLogger("main")
 LOCK_NAME = "run.lock"

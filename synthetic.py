@@ -14,12 +14,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from datasets import seeded_rng as _rng
-from torch_functions import UserInputError
+from errors import UserInputError
+from seeding import Stream, seeded_rng as _rng
 
 logger = logging.getLogger("datasets")
-
-_SYNTHETIC_TAG = (1 << 40) + 3  # apart from datasets.py's stream tags (1 << 40) + 1 and + 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def _synthetic_plan(seed: int, n_train_nouns: int, n_test_nouns: int,
     if not 2 <= adjectives_per_noun <= len(SYNTHETIC_ADJECTIVES):
         raise UserInputError(f"synthetic: adjectives_per_noun must be 2..{len(SYNTHETIC_ADJECTIVES)}, "
                              f"got {adjectives_per_noun}")
-    rng = _rng(seed, _SYNTHETIC_TAG)
+    rng = _rng(seed, Stream.SYNTHETIC)
     pool = list(SYNTHETIC_ADJECTIVES)
     plan: dict[str, list[str]] = {}
     for noun in SYNTHETIC_TRAIN_NOUNS[:n_train_nouns]:
@@ -213,7 +211,7 @@ def _write_synthetic_images(job: tuple) -> None:
     folder, seed, c, a, noun, adj, image_size, first, last, noise_std = job
     os.makedirs(folder, exist_ok=True)
     for k in range(first, last):
-        rng = _rng(seed, c, a, k, _SYNTHETIC_TAG)
+        rng = _rng(seed, c, a, k, Stream.SYNTHETIC)
         pixels = render_synthetic_image(noun, adj, image_size, rng, noise_std)
         Image.fromarray(pixels).save(os.path.join(folder, f"{k:03d}.jpg"), quality=92)
 
@@ -288,7 +286,6 @@ def generate_synthetic(path: str, seed: int = 0, image_size: int = 64, n_train_n
 # The same data as your own triplets (datasets.Triplets)
 # ----------------------------------------------------------------------------------------------------------------
 
-_TRIPLETS_TAG = (1 << 40) + 4
 
 
 def write_triplets_csv(path: str, seed: int = 0, **params: Any) -> str:
@@ -315,7 +312,7 @@ def write_triplets_csv(path: str, seed: int = 0, **params: Any) -> str:
         for a, (adj, files) in enumerate(adjs.items()):
             others = [x for x in adjs if x != adj]
             for i, source in enumerate(files):
-                rng = _rng(seed, n, a, i, _TRIPLETS_TAG)
+                rng = _rng(seed, n, a, i, Stream.TRIPLETS)
                 targets = others if split == "test" else [others[int(rng.integers(len(others)))]]
                 for target_adj in targets:
                     target_files = adjs[target_adj]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import RetrievalTask
-from torch_functions import all_gather_rows, distributed_world
+from distributed import all_gather_rows, distributed_world
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from torch_functions import UserInputError
+from errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

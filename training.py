@@ -17,7 +17,8 @@ import test_retrieval
 import runlog
 from checkpoint import WriteFailed, checkpoint_state, evaluation_state, nonfinite_tensors
 from runlog import Run
-from torch_functions import UserInputError, distributed_world
+from errors import UserInputError
+from distributed import distributed_world
 
 # SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGUSR1 (SLURM's --signal=USR1@60): save and stop between two steps
 INTERRUPT_SIGNALS: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGUSR1")

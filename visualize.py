@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from seeding import Stream, seeded_rng
+
 PAD = 6  # pixels between cells and around the picture
 QUERY_GAP = 12  # extra pixels between the query cell and the first result
 LINE = 12  # pixels per caption line
@@ -25,7 +27,6 @@ INK = (0, 0, 0)
 TRAINING_QUERIES = 8  # queries of the training picture
 TRAINING_TOP_K = 5  # results per query in the training picture
 TRAINING_THUMB = 96  # thumbnail side of the training picture
-_PICTURE_TAG = (1 << 40) + 5  # random stream of the training picture's query sample
 
 
 @dataclasses.dataclass
@@ -150,12 +151,11 @@ def training_picture(dataset: Any, task: Any, query_feats: torch.Tensor, gallery
     equals the query's target (MIT-States: the composition; Fashion IQ, triplets: the image). None without queries.
     """
     import test_retrieval
-    from datasets import seeded_rng
 
     n_total = len(task.query_source)
     if n_total == 0 or len(task.gallery) == 0:
         return None
-    rng = seeded_rng(seed, _PICTURE_TAG)
+    rng = seeded_rng(seed, Stream.PICTURE)
     chosen = sorted(int(i) for i in rng.choice(n_total, size=min(n_queries, n_total), replace=False))
     view = next(iter(task.gallery_labels))
     labels, targets = task.gallery_labels[view], task.query_targets[view]

@@ -15,7 +15,7 @@ import torch
 
 import checkpoint
 import main
-from torch_functions import UserInputError
+from errors import UserInputError
 
 METRIC_LINE = re.compile(r"^     (train|test) recall_top\d+_correct_\w+ \d+(\.\d+)?$")
 

@@ -14,7 +14,7 @@ from PIL import Image
 import cirr_submission
 import datasets
 import main
-from torch_functions import UserInputError
+from errors import UserInputError
 
 S = 24
 

@@ -21,7 +21,7 @@ import css_scenes
 import datasets
 import main
 import test_retrieval
-from torch_functions import UserInputError
+from errors import UserInputError
 
 S = 32
 

@@ -16,7 +16,7 @@ from PIL import Image
 import datasets
 import image_cache
 import synthetic
-from torch_functions import UserInputError
+from errors import UserInputError
 
 S = 16  # image size used by the tests
 

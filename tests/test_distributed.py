@@ -17,7 +17,7 @@ import checkpoint
 import factory
 import img_text_composition_models as models
 import test_retrieval
-import torch_functions as TF
+import distributed as TF
 
 
 def free_port() -> int:

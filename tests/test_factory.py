@@ -11,7 +11,7 @@ import datasets
 import factory
 import main
 import synthetic
-from torch_functions import UserInputError
+from errors import UserInputError
 
 
 @pytest.fixture(scope="module")

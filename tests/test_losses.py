@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torch_functions as TF
+from errors import UserInputError
 
 
 def loop_soft_triplet(features: torch.Tensor, triplets: list[tuple[int, int, int]]) -> torch.Tensor:
@@ -99,7 +100,7 @@ def test_base_loss_dispatch_and_unknown_name():
     a, b = torch.randn(4, 3), torch.randn(4, 3)
     assert TF.base_retrieval_loss("batch_based_classification", a, b) == TF.batch_based_classification_loss(a, b)
     assert torch.isfinite(TF.base_retrieval_loss("soft_triplet", a, b))
-    with pytest.raises(TF.UserInputError, match="unknown --loss"):
+    with pytest.raises(UserInputError, match="unknown --loss"):
         TF.base_retrieval_loss("hinge", a, b)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import img_text_composition_models as M
 import text_model
-from torch_functions import UserInputError
+from errors import UserInputError
 
 # A copy of ../shared/reference/original_state_dict_keys.txt (read off the original code), so the test runs anywhere.
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "original_state_dict_keys.txt")

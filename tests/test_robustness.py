@@ -32,7 +32,7 @@ import test_retrieval
 import text_model
 import training
 from datasets import RetrievalTask
-from torch_functions import UserInputError
+from errors import UserInputError
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # test_main's CLI helpers; appended,
 # so that the repository's test_retrieval module is not shadowed by tests/test_retrieval.py
 from test_main import REPO, cli, error_message, load, metric_lines, one_error_line, one_thread, only_run_folder, run_cli

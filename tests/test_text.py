@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import text_model
-from torch_functions import UserInputError
+from errors import UserInputError
 
 
 def test_vocab_tokenization_and_unknown_words():

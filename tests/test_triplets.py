@@ -13,7 +13,7 @@ from PIL import Image
 import datasets
 import synthetic
 import test_retrieval
-from torch_functions import UserInputError
+from errors import UserInputError
 
 METRIC = re.compile(r"^     (train|test) (recall_top\d+_correct_\w+) (\S+)$")
 
