@@ -128,8 +128,9 @@ def table_metrics(group: dict) -> list[str]:
 
 def group_markdown(group: dict) -> list[str]:
     """A group's section of report.md."""
+    n = len(group["runs"])
     lines = [f"## {group['label']}", "",
-             f"Seeds {', '.join(map(str, group['seeds']))} ({len(group['runs'])} run{'s' * (len(group['runs']) != 1)}); last evaluated iterations "
+             f"Seeds {', '.join(map(str, group['seeds']))} ({n} run{'s' * (n != 1)}); last evaluated iterations "
              f"{', '.join(map(str, group['iterations']))}.", "",
              "Settings: " + ", ".join(f"`{k}={v}`" for k, v in group["settings"].items()), "",
              f"**Comparable with the published numbers: {'yes' if group['comparable'] else 'no'}**"]

@@ -8,7 +8,8 @@ that stopped from their latest_checkpoint.pth.
     python report.py logs/<NAME>                      # the sweep's results beside the published numbers
 
 Layout: ``<--log_dir>/<NAME>/sweep.json`` (the main.py flags), and per seed ``seed<s>/console.log`` (everything the
-run printed), ``seed<s>/done`` (written when main.py exits 0) and main.py's run folder ``seed<s>/<time>_<host>_seed<s>/``.
+run printed), ``seed<s>/done`` (written when main.py exits 0) and main.py's run folder
+``seed<s>/<time>_<host>_seed<s>/``.
 NAME defaults to ``<dataset>-<model>-<hash of the sorted main.py flags>``, so the same command finds its folder.
 """
 from __future__ import annotations
@@ -229,9 +230,10 @@ def prepare_folder(sweep: Sweep, seeds: list[int]) -> None:
         except (OSError, ValueError) as exc:
             raise UserInputError(f"{path} is unreadable ({type(exc).__name__}); delete it to start the sweep's "
                                  f"record anew") from None
-        if list(record.get("flags", [])) != list(sweep.flags):
-            raise UserInputError(f"{sweep.folder} holds a sweep of other main.py flags ({shlex.join(record['flags'])}); "
-                                 f"pass another --name, or the same flags")
+        old = [str(f) for f in record.get("flags", [])] if isinstance(record, dict) else []
+        if not isinstance(record, dict) or old != list(sweep.flags):
+            raise UserInputError(f"{sweep.folder} holds a sweep of other main.py flags ({shlex.join(old)}); pass "
+                                 f"another --name, or the same flags")
     record["seeds"] = sorted(set(record.get("seeds", [])) | set(seeds))
     record.update(main_py=sweep.main_py, python=sweep.python, cwd=sweep.cwd)
     with open(path, "w", encoding="utf-8") as f:
@@ -249,7 +251,8 @@ class Console:
             print(line, flush=True)
 
 
-def describe(seed: int, plan: Plan) -> str:
+def describe(plan: Plan) -> str:
+    """'new run' or 'resuming <checkpoint>'."""
     return {"new": "new run", "resume": f"resuming {plan.checkpoint}"}.get(plan.state, plan.state)
 
 
@@ -266,7 +269,7 @@ def run_local_seed(sweep: Sweep, seed: int, say: Callable[[str], None]) -> str:
     with open(console, "a", encoding="utf-8") as log:
         log.write(start_line(command))
         log.flush()
-        say(f"seed {seed}: running ({describe(seed, plan)}), output in {console}")
+        say(f"seed {seed}: running ({describe(plan)}), output in {console}")
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=sweep.cwd)
         try:
             rc = process.wait()
@@ -398,7 +401,7 @@ def submit(sweep: Sweep, seeds: list[int], args: argparse.Namespace, say: Callab
     with _importable_here():
         jobs = executor.map_array(SeedJob(sweep, args.gpus_per_node, args.nodes), todo)
     for seed, job in zip(todo, jobs):
-        say(f"seed {seed}: submitted as job {job.job_id} ({describe(seed, plan_seed(sweep, seed))}), output in "
+        say(f"seed {seed}: submitted as job {job.job_id} ({describe(plan_seed(sweep, seed))}), output in "
             f"{sweep.path(seed, CONSOLE)}")
         states[seed] = "submitted"
     if args.wait or args.cluster != "slurm":
@@ -467,8 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
         return report_internal_error(PROG, exc)
     failed = [s for s, state in states.items() if state.startswith("failed")]
-    counts = ", ".join(f"{sum(1 for v in states.values() if v.split()[0] == k)} {k}"
-                       for k in ("done", "skipped", "submitted", "failed") if any(v.split()[0] == k for v in states.values()))
+    kinds = [state.split()[0] for state in states.values()]
+    counts = ", ".join(f"{kinds.count(k)} {k}" for k in ("done", "skipped", "submitted", "failed") if k in kinds)
     say(f"sweep {sweep.folder}: {counts}; report: python report.py {sweep.folder}")
     return 1 if failed else 0
 

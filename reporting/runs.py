@@ -33,7 +33,7 @@ class RunRecord:
     @property
     def latest(self) -> dict:
         """The last evaluation (metrics.json 'latest'), with the derived means of ``derived_means``."""
-        return derived_means(self.metrics.get("latest") or {}, self.args.get("dataset"))
+        return derived_means(self.metrics.get("latest") or {})
 
     @property
     def latest_it(self) -> int | None:
@@ -47,7 +47,7 @@ class RunRecord:
         if not isinstance(best, dict) or "it" not in best:
             return {}
         entries = [h for h in self.history if h.get("it") == best["it"] and any(k.startswith("test ") for k in h)]
-        return derived_means(entries[-1], self.args.get("dataset")) if entries else {}
+        return derived_means(entries[-1]) if entries else {}
 
 
 def split_metric(name: str) -> tuple[str, int, str] | None:
@@ -56,19 +56,20 @@ def split_metric(name: str) -> tuple[str, int, str] | None:
     return (m.group(1), int(m.group(2)), m.group(3)) if m else None
 
 
-def derived_means(metrics: dict, dataset: str | None) -> dict:
-    """``metrics`` with, on Fashion IQ where it lacks them, ``<split> recall_top<k>_correct_mean``: the mean over
-    the categories' recall@k (null ones left out), the number ComposeAE reports."""
-    if dataset != "fashionIQ" or any(name.endswith("_correct_mean") for name in metrics):
-        return dict(metrics)
-    per_k: dict[tuple[str, int], list[float]] = {}
+def derived_means(metrics: dict) -> dict:
+    """``metrics`` with ``<split> recall_top<k>_correct_mean`` added for each split and k whose views hold no
+    'composition' (Fashion IQ's categories) and no mean yet: the mean of their finite values, the number ComposeAE
+    reports (as runlog.headline_recall)."""
+    per_k: dict[tuple[str, int], dict[str, float]] = {}
     for name, value in metrics.items():
         parts = split_metric(name)
-        if parts and isinstance(value, (int, float)) and math.isfinite(value):
-            per_k.setdefault(parts[:2], []).append(float(value))
+        if parts and isinstance(value, (int, float)) and not isinstance(value, bool):
+            per_k.setdefault(parts[:2], {})[parts[2]] = float(value)
     out = dict(metrics)
-    for (split, k), values in per_k.items():
-        out[f"{split} recall_top{k}_correct_mean"] = sum(values) / len(values)
+    for (split, k), views in per_k.items():
+        finite = [v for v in views.values() if math.isfinite(v)]
+        if "composition" not in views and "mean" not in views and finite:
+            out[f"{split} recall_top{k}_correct_mean"] = sum(finite) / len(finite)
     return out
 
 

@@ -22,21 +22,35 @@ def text_encoder(args: dict) -> str:
     return str(args.get("bert_model")) if args.get("use_bert") else "lstm"
 
 
+def _query_text_protocol(run: RunRecord) -> str:
+    complete = bool(run.args.get("use_complete_text_query")) or bool(run.metrics.get("query_text"))
+    return "complete_text_query" if complete else "modification_text"
+
+
+def _fashioniq_protocol(run: RunRecord) -> str:
+    return str(run.args.get("fashioniq_protocol") or run.metrics.get("fashioniq_protocol") or "composeae")
+
+
+def _css3d_protocol(run: RunRecord) -> str | None:
+    path = run.args.get("dataset_path")
+    if not path or not os.path.isdir(path):
+        return None
+    return "3d_to_3d" if os.path.isdir(os.path.join(path, "images")) else "2d_to_2d"
+
+
+# How a run's protocol (a key of published.PROTOCOLS) is told, per --dataset; a dataset not listed has none.
+PROTOCOL_OF = {"mitstates": _query_text_protocol, "fashion200k": _query_text_protocol,
+               "fashionIQ": _fashioniq_protocol, "css3d": _css3d_protocol}
+# Why a dataset's protocol may not be told from a run folder
+UNTOLD = {"css3d": "whether the runs drew 2-D scenes or read the 3-D renders (their --dataset_path, with or "
+                   "without images/, is not readable here)"}
+
+
 def run_protocol(run: RunRecord) -> str | None:
-    """The run's protocol as a key of ``published.PROTOCOLS``; None where it cannot be told (CSS3D whose
-    --dataset_path is not readable here) or the dataset has no named protocols."""
-    args, dataset = run.args, run.args.get("dataset")
-    if dataset in ("mitstates", "fashion200k"):
-        complete = bool(args.get("use_complete_text_query")) or bool(run.metrics.get("query_text"))
-        return "complete_text_query" if complete else "modification_text"
-    if dataset == "fashionIQ":
-        return str(args.get("fashioniq_protocol") or run.metrics.get("fashioniq_protocol") or "composeae")
-    if dataset == "css3d":
-        path = args.get("dataset_path")
-        if not path or not os.path.isdir(path):
-            return None
-        return "3d_to_3d" if os.path.isdir(os.path.join(path, "images")) else "2d_to_2d"
-    return None
+    """The run's protocol as a key of ``published.PROTOCOLS``; None where it cannot be told here (CSS3D whose
+    --dataset_path is not readable) or the dataset has no named protocols."""
+    tell = PROTOCOL_OF.get(run.args.get("dataset"))
+    return tell(run) if tell else None
 
 
 def _values(runs: list[RunRecord], key: str) -> list:
@@ -88,9 +102,9 @@ def row_reasons(runs: list[RunRecord], row: PublishedRow) -> list[str]:
     reasons = []
     protocols = {run_protocol(run) for run in runs}
     if protocols != {row.protocol}:
-        if None in protocols and row.dataset == "css3d":
-            reasons.append(f"cannot tell the CSS3D images of the runs here (their --dataset_path is not readable); "
-                           f"the published number is {PROTOCOLS[row.protocol]}")
+        if None in protocols:
+            untold = UNTOLD.get(row.dataset, "the runs' protocol")
+            reasons.append(f"cannot tell {untold}; the published number is {PROTOCOLS[row.protocol]}")
         else:
             mine = "; ".join(PROTOCOLS.get(p, str(p)) for p in sorted(protocols, key=str))
             reasons.append(f"protocol: the runs' {mine}; the published number's {PROTOCOLS[row.protocol]}")
