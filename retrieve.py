@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+import distributed
 from errors import UserInputError
 
 logger = logging.getLogger("retrieve")
