@@ -198,7 +198,10 @@ class ImageCache:
             return False
         if full:
             meta["array_stat"] = now
-            self._write_meta(meta)
+            try:
+                self._write_meta(meta)
+            except OSError as exc:  # the cache is sound; the next open checks every row again
+                logger.info("image cache %s: cannot record the checked file's stat (%s)", self.meta_file, exc)
         return True
 
     def _write_meta(self, meta: dict) -> None:

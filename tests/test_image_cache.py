@@ -130,3 +130,14 @@ def test_a_sidecar_with_a_field_missing_or_of_the_wrong_type_is_rebuilt(built, c
     assert again.bad == {6} and torch.equal(again.get(5), fresh(again, 5))
     with open(built.meta_file) as f:
         assert json.load(f)["bad"] == [6]
+
+
+def test_a_sidecar_that_cannot_be_refreshed_after_a_full_check_keeps_the_cache(built, caplog, monkeypatch):
+    def full_disk(self, meta):
+        raise OSError(28, "No space left on device")
+
+    os.utime(built.data_file, ns=(1, 1))
+    monkeypatch.setattr(image_cache.ImageCache, "_write_meta", full_disk)
+    with caplog.at_level(logging.INFO, logger="datasets"):
+        again = open_cache(os.path.dirname(built.data_file), built.paths)
+    assert not rebuilt(caplog) and not warnings(caplog) and torch.equal(again.get(1), fresh(again, 1))
