@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -71,6 +72,10 @@ def load_rgb_uint8(path: str, image_size: int) -> torch.Tensor:
 # Decode-once image cache
 # ----------------------------------------------------------------------------------------------------------------
 
+CACHE_FORMAT = "composeae-image-cache/2"  # the sidecar's layout (see ImageCache)
+SAMPLE_ROWS = 64  # rows checked against their CRC-32 at every open of an unchanged array file
+
+
 def _file_list_digest(paths: Sequence[str]) -> str:
     """SHA-1 over the paths, sizes and modification times of ``paths`` (a missing file counts as size -1)."""
     h = hashlib.sha1()
@@ -84,6 +89,39 @@ def _file_list_digest(paths: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def _array_stat(path: str) -> dict[str, int]:
+    """The size, mtime_ns and inode of ``path``: any write or replacement of the file changes one of them."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _sample_rows(n: int) -> list[int]:
+    """``SAMPLE_ROWS`` evenly spaced rows of ``n`` (all of them when fewer), the first and the last included."""
+    return sorted({round(i * (n - 1) / (SAMPLE_ROWS - 1)) for i in range(SAMPLE_ROWS)}) if n > SAMPLE_ROWS \
+        else list(range(n))
+
+
+def _is_int_list(value, low: int, high: int) -> bool:
+    """``value`` is a list of ints (not bools) in ``[low, high)``."""
+    return isinstance(value, list) and all(type(x) is int and low <= x < high for x in value)
+
+
+def _meta_is_valid(meta, digest: str, shape: tuple[int, int, int, int]) -> bool:
+    """Whether ``meta`` (a parsed sidecar) is a sidecar of ``CACHE_FORMAT`` for this file list and shape, with
+    every field of its type: ``bad`` row numbers, ``bad_paths`` strings, one unsigned 32-bit ``crc32`` per row,
+    ``array_stat`` the ints of ``_array_stat``."""
+    if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+        return False
+    n = shape[0]
+    stat = meta.get("array_stat")
+    return (meta.get("digest") == digest and meta.get("shape") == list(shape)
+            and _is_int_list(meta.get("bad"), 0, n)
+            and isinstance(meta.get("bad_paths"), list) and all(isinstance(p, str) for p in meta["bad_paths"])
+            and _is_int_list(meta.get("crc32"), 0, 1 << 32) and len(meta["crc32"]) == n
+            and isinstance(stat, dict) and set(stat) == {"size", "mtime_ns", "ino"}
+            and all(type(v) is int for v in stat.values()))
+
+
 class ImageCache:
     """Every image of a dataset decoded and resized once, in a uint8 memmap (N, 3, S, S) under ``folder``.
 
@@ -93,6 +131,12 @@ class ImageCache:
     json (which also lists the unreadable images, stored as zeros) is moved in, so a reader never sees a half
     written cache. ``get(i)`` returns exactly what ``load_rgb_uint8`` returns, and raises ``BadImageError`` for an
     unreadable image as a fresh decode would. The open memmap is not pickled (workers reopen it).
+
+    The sidecar also holds the CRC-32 of every image's row of the array and the array file's size, mtime_ns and
+    inode when it was written. Opening the cache checks ``SAMPLE_ROWS`` evenly spaced rows against their CRCs, and
+    every row when the file's size, mtime_ns or inode differ from the recorded ones (the file was written or
+    replaced since); a mismatch rebuilds the cache with a warning naming the file. A sidecar with a missing field or
+    a field of the wrong type also rebuilds it, silently, as a sidecar that is not JSON does.
     """
 
     def __init__(self, folder: str, name: str, split: str, image_size: int, paths: Sequence[str],
@@ -113,20 +157,58 @@ class ImageCache:
         self.digest = digest
         self.shape = (len(self.paths), 3, self.image_size, self.image_size)
         meta = self._read_meta()
+        if meta is not None and not self._verify(meta):
+            meta = None
         if meta is None:
             meta = self._build(num_threads)
-        self.bad = frozenset(int(i) for i in meta["bad"])
+        self.bad = frozenset(meta["bad"])
         self._array: np.memmap | None = None
 
     def _read_meta(self) -> dict | None:
+        """The sidecar, if it is this cache's and every field has its type; None otherwise."""
         try:
             with open(self.meta_file) as f:
                 meta = json.load(f)
-            ok = (meta.get("digest") == self.digest and meta.get("shape") == list(self.shape)
-                  and os.path.getsize(self.data_file) == int(np.prod(self.shape)))
-        except (OSError, ValueError, AttributeError):
+            size = os.path.getsize(self.data_file)
+        except (OSError, ValueError):
             return None
-        return meta if ok else None
+        if not _meta_is_valid(meta, self.digest, self.shape) or size != int(np.prod(self.shape)):
+            return None
+        return meta
+
+    def _verify(self, meta: dict) -> bool:
+        """Whether the array's rows match the sidecar's CRC-32s: a sample of rows, or all of them when the file's
+        size, mtime_ns or inode changed since they were recorded (then, if all match, the sidecar records the new
+        ones). A mismatch is logged as a warning naming the file."""
+        try:
+            now = _array_stat(self.data_file)
+            full = now != meta["array_stat"]
+            rows = range(self.shape[0]) if full else _sample_rows(self.shape[0])
+            if full:
+                logger.info("image cache %s changed on disk since it was written: checking all %d images against "
+                            "their checksums", self.data_file, self.shape[0])
+            array = np.memmap(self.data_file, dtype=np.uint8, mode="r", shape=self.shape)
+            wrong = sum(zlib.crc32(array[i]) != meta["crc32"][i] for i in rows)
+            del array
+        except OSError:  # removed or replaced by another process since the sidecar was read
+            return False
+        if wrong:
+            logger.warning("image cache %s does not match the checksums in %s (%d of the %d images checked "
+                           "differ): rebuilding it", self.data_file, self.meta_file, wrong, len(rows))
+            return False
+        if full:
+            meta["array_stat"] = now
+            try:
+                self._write_meta(meta)
+            except OSError as exc:  # the cache is sound; the next open checks every row again
+                logger.info("image cache %s: cannot record the checked file's stat (%s)", self.meta_file, exc)
+        return True
+
+    def _write_meta(self, meta: dict) -> None:
+        tmp_meta = f"{self.meta_file}.tmp-{os.getpid()}"
+        with open(tmp_meta, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp_meta, self.meta_file)
 
     def _build(self, num_threads: int | None) -> dict:
         from tqdm import tqdm
@@ -135,14 +217,18 @@ class ImageCache:
         tmp = f"{self.data_file}.tmp-{os.getpid()}"
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
         bad: list[int] = []
+        crc = [0] * n
 
         def decode(i: int) -> int | None:
             try:
-                array[i] = load_rgb_uint8(self.paths[i], self.image_size).numpy()
-                return None
+                row = load_rgb_uint8(self.paths[i], self.image_size).numpy()  # (3, S, S) uint8
+                result = None
             except BadImageError:
-                array[i] = 0
-                return i
+                row = np.zeros(self.shape[1:], dtype=np.uint8)
+                result = i
+            array[i] = row
+            crc[i] = zlib.crc32(row)  # releases the GIL: computed by the decoding threads
+            return result
 
         workers = num_threads or min(8, os.cpu_count() or 1)
         try:
@@ -157,12 +243,10 @@ class ImageCache:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        meta = {"digest": self.digest, "shape": list(self.shape), "bad": sorted(bad),
-                "bad_paths": [self.paths[i] for i in sorted(bad)]}
-        tmp_meta = f"{self.meta_file}.tmp-{os.getpid()}"
-        with open(tmp_meta, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp_meta, self.meta_file)
+        meta = {"format": CACHE_FORMAT, "digest": self.digest, "shape": list(self.shape), "bad": sorted(bad),
+                "bad_paths": [self.paths[i] for i in sorted(bad)], "crc32": crc,
+                "array_stat": _array_stat(self.data_file)}
+        self._write_meta(meta)
         logger.info("image cache written: %s (%d images, %d unreadable)", self.data_file, n, len(bad))
         return meta
 

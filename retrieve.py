@@ -9,15 +9,19 @@ Every model setting comes from the checkpoint (this project's or the original co
 file under DIR (jpg, jpeg, png, webp, bmp, any case), searched recursively, in sorted path order; its features
 are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and ranked as the evaluation
 ranks them (``test_retrieval.top_k``: cosine similarity, ties to the lower gallery position); a query image that
-is itself a gallery file is left out of its own results. ``--index FILE`` keeps the gallery's features between
-calls and encodes only the files added or changed since.
+is itself a gallery file is left out of its own results; an entry named like an image that is not a regular file
+(a FIFO, a socket, a device, a dangling link, a folder) is skipped with a warning. ``--index FILE`` keeps the
+gallery's features between calls and encodes only the files added or changed since; it replaces only a file that
+is a retrieve.py index. Every output path is checked before the model is loaded; missing folders above an output
+are made.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
-import hashlib
 import html
+import io
 import json
 import logging
 import multiprocessing
@@ -27,12 +31,15 @@ from typing import Any, Sequence
 
 import torch
 
+import distributed
+from checkpoint import WriteFailed, read_checkpoint
+from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import UserInputError
+from gallery import IMAGE_SUFFIXES, file_sha256, load_index, read_index_file, save_index, scan_gallery, write_file
 
 logger = logging.getLogger("retrieve")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-INDEX_FORMAT = "composeae-retrieve-index/1"  # see save_index
+THUMB_RANGE = (16, 1024)  # --thumb, in pixels
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,11 +77,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", type=str, default="", help="JSON Lines file, one object per query in input order")
     g.add_argument("--out", type=str, default="", help="PNG of the query and its results (one query)")
     g.add_argument("--out_dir", type=str, default="", help="folder for one PNG per query and an index.html")
-    g.add_argument("--thumb", type=int, default=128, help="thumbnail side of the pictures, in pixels")
+    g.add_argument("--thumb", type=int, default=128,
+                   help=f"thumbnail side of the pictures, in pixels ({THUMB_RANGE[0]}..{THUMB_RANGE[1]})")
     return p
 
 
 def validate(args: argparse.Namespace) -> None:
+    """The flags checked against each other and their ranges, and the checkpoint and gallery found: one
+    UserInputError otherwise."""
     if args.queries is not None and (args.image is not None or args.text is not None):
         raise UserInputError("give either --image and --text, or --queries, not both")
     if args.queries is None and (args.image is None or args.text is None):
@@ -83,9 +93,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserInputError("--out draws one query; with --queries use --out_dir DIR")
     if args.out and not args.out.lower().endswith(".png"):
         raise UserInputError(f"--out {args.out}: the picture is a PNG; name it FILE.png")
-    for name in ("top_k", "batch_size", "thumb"):
+    for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             raise UserInputError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not THUMB_RANGE[0] <= args.thumb <= THUMB_RANGE[1]:
+        raise UserInputError(f"--thumb must be {THUMB_RANGE[0]}..{THUMB_RANGE[1]} pixels, got {args.thumb}")
     if args.num_workers < 0 or args.threads < 0:
         raise UserInputError(f"--num_workers and --threads must be >= 0, got {args.num_workers}, {args.threads}")
     if not os.path.isfile(args.model_checkpoint):
@@ -101,12 +113,32 @@ def validate(args: argparse.Namespace) -> None:
 def _check_image(path: str, where: str) -> None:
     from image_cache import BadImageError, load_rgb_uint8
 
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserInputError(f"{where}{path} does not exist")
+    if not os.path.isfile(path):  # a folder, FIFO, socket or device: opening a FIFO would wait for a writer
+        raise UserInputError(f"{where}{path} is not a regular file; pass an image file")
     try:
         load_rgb_uint8(path, 8)
     except BadImageError:
         raise UserInputError(f"{where}{path} cannot be read as an image") from None
+
+
+def _read_utf8(path: str, flag: str) -> str:
+    """The text of the UTF-8 file ``path`` (a leading byte-order mark dropped); a missing or non-regular file, or
+    one in another encoding, is a UserInputError naming the file (and the byte and its offset in the file)."""
+    if not os.path.exists(path):
+        raise UserInputError(f"{flag} {path} does not exist")
+    if not os.path.isfile(path):
+        raise UserInputError(f"{flag} {path} is not a regular file; pass a CSV file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = skip + exc.start
+        raise UserInputError(f"{path}: not UTF-8 text (byte {raw[offset]:#04x} at offset {offset}); "
+                             f"convert it to UTF-8") from None
 
 
 def read_queries(args: argparse.Namespace) -> list[dict]:
@@ -119,11 +151,9 @@ def read_queries(args: argparse.Namespace) -> list[dict]:
         _check_image(path, "--image: ")
         return [{"image": args.image, "path": path, "text": args.text.strip(), "target": None}]
     csv_path = args.queries
-    if not os.path.isfile(csv_path):
-        raise UserInputError(f"--queries {csv_path} does not exist")
     folder = os.path.dirname(os.path.abspath(csv_path))
     queries = []
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_utf8(csv_path, "--queries"), newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         if not header:
@@ -161,65 +191,6 @@ def read_queries(args: argparse.Namespace) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Gallery and index
 # ----------------------------------------------------------------------------------------------------------------
-
-def scan_gallery(folder: str) -> list[tuple[str, int, int]]:
-    """``(relative path with '/', size, mtime_ns)`` of every image file under ``folder``, sorted by path."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in files:
-            if name.lower().endswith(IMAGE_SUFFIXES):
-                full = os.path.join(root, name)
-                try:
-                    st = os.stat(full)
-                except OSError:
-                    continue  # a dangling link: not an image of the gallery
-                found.append((os.path.relpath(full, folder).replace(os.sep, "/"), st.st_size, st.st_mtime_ns))
-    found.sort()
-    return found
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_index(path: str, identity: dict) -> dict | None:
-    """The index at ``path`` if it was built with ``identity``; None (after a one-line notice) otherwise."""
-    if not path or not os.path.exists(path):
-        return None
-    try:  # memory-mapped: the features are read as the ranking touches them
-        index = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        ok = isinstance(index, dict) and index.get("format") == INDEX_FORMAT
-    except Exception:  # a torn or foreign file: rebuilt
-        ok = False
-    if not ok:
-        print(f"retrieve.py: {path} is not a gallery index of retrieve.py; rebuilding it", file=sys.stderr)
-        return None
-    if index.get("identity") != identity:
-        old = index.get("identity") or {}
-        changed = [k for k in identity if old.get(k) != identity[k]]
-        print(f"retrieve.py: {path} was built with another {', '.join(changed)}; rebuilding it", file=sys.stderr)
-        return None
-    index["files"] = index["files"].split("\0") if index["files"] else []
-    index["sizes"], index["mtimes"] = index["sizes"].tolist(), index["mtimes"].tolist()
-    return index
-
-
-def save_index(path: str, identity: dict, files: Sequence[tuple[str, int, int]], feats: torch.Tensor) -> None:
-    """Writes the index atomically: the identity, the files (relative paths joined by NUL, which no file name
-    holds), their sizes and mtimes (int64) and their L2-normalised features (G, D) fp32."""
-    from checkpoint import atomic_write
-
-    state = {"format": INDEX_FORMAT, "identity": identity, "files": "\0".join(f[0] for f in files),
-             "sizes": torch.tensor([f[1] for f in files], dtype=torch.int64),
-             "mtimes": torch.tensor([f[2] for f in files], dtype=torch.int64), "features": feats.contiguous()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: torch.save(state, f))
-
 
 class _ImageFiles:
     """``load_image(path)`` as the datasets decode (``load_rgb_uint8``); an unreadable file gives zeros and is
@@ -265,25 +236,37 @@ def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequen
     return test_retrieval.normalize_rows(gallery_feats).cpu(), query_feats.cpu(), bad
 
 
+def _warn_skipped(names: Sequence[str]) -> None:
+    names = sorted(names)
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    print(f"retrieve.py: warning: skipped {len(names)} unreadable gallery file{'s' if len(names) > 1 else ''}: "
+          f"{shown}", file=sys.stderr)
+
+
 def gallery_features(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
-                     queries: list[dict], device: torch.device) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+                     queries: list[dict], device: torch.device,
+                     skipped: Sequence[str] = ()) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """``(relative paths (G,), normalised gallery features (G, D), query features (Q, D))`` of the gallery ``files``
-    (``scan_gallery``); the index reused and updated when ``--index`` is given."""
+    (``scan_gallery``); the index reused and updated when ``--index`` is given. The unreadable files and the
+    ``skipped`` entries are named in one warning."""
     index = load_index(args.index, identity)
     known = {}
     if index is not None:
         known = {(p, s, m): i for i, (p, s, m) in enumerate(zip(index["files"], index["sizes"], index["mtimes"]))}
     todo = [f for f in files if f not in known]
+    kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers)
     new_feats, query_feats, bad = encode(model, image_size, [os.path.join(args.gallery, f[0]) for f in todo],
-                                         queries, batch_size=args.batch_size, device=device,
-                                         num_workers=args.num_workers)
+                                         queries, **kw)
+    if known and index["features"].shape[1] != query_feats.shape[1]:  # the model's width is known only now
+        print(f"retrieve.py: {args.index} is damaged ('features' are {index['features'].shape[1]} wide, the "
+              f"model's {query_feats.shape[1]}); rebuilding it", file=sys.stderr)
+        index, known, todo = None, {}, list(files)
+        new_feats, query_feats, bad = encode(model, image_size, [os.path.join(args.gallery, f[0]) for f in todo],
+                                             queries, **kw)
     new_row = {f: i for i, f in enumerate(todo)}
-    if bad:
-        names = sorted(os.path.relpath(p, args.gallery) for p in bad)
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        print(f"retrieve.py: warning: skipped {len(bad)} unreadable gallery file{'s' if len(bad) > 1 else ''}: "
-              f"{shown}", file=sys.stderr)
     bad_rel = {os.path.relpath(p, args.gallery).replace(os.sep, "/") for p in bad}
+    if bad or skipped:
+        _warn_skipped(sorted(bad_rel) + list(skipped))
     kept = [f for f in files if f[0] not in bad_rel]
     if not kept:
         raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
@@ -298,6 +281,63 @@ def gallery_features(args, model, image_size: int, identity: dict, files: list[t
         save_index(args.index, identity, kept, feats)
         logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), encoded_now)
     return [f[0] for f in kept], feats, query_feats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output paths
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_folder(flag: str, path: str, folder: str) -> None:
+    """``folder`` (where ``path`` goes, or ``path`` itself for a folder flag) exists as a writable folder, or can be
+    made in one: its nearest existing ancestor is a writable folder (not a regular file)."""
+    probe = os.path.abspath(folder)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserInputError(f"{flag} {path}: {probe} is not a folder, so nothing can be written below it; "
+                             f"pass a path in a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: the folder {probe} is not writable; pass a path in a writable folder")
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether ``a`` and ``b`` name one file: the same existing file (links resolved), or the same path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def check_output_paths(args: argparse.Namespace, n_queries: int) -> None:
+    """Every output checked before the model is loaded and the gallery encoded: ``--json``, ``--out`` and
+    ``--index`` name files and ``--out_dir`` a folder; a missing folder is made when they are written (``mkdir
+    -p``). Refused with one UserInputError: a file flag naming a folder, an ``--out_dir`` naming a file (or holding
+    a folder of the name of one of its pictures or index.html), a path whose parent is a regular file or is not
+    writable, an output that is an input (the checkpoint, ``--queries``, ``--image``) or another output, and an
+    existing ``--index`` that is not a gallery index of retrieve.py (``read_index_file``)."""
+    outputs = [(flag, path) for flag, path in (("--json", args.json), ("--out", args.out), ("--index", args.index))
+               if path]
+    for flag, path in outputs:
+        if os.path.isdir(path):
+            raise UserInputError(f"{flag} {path} is a folder; pass the path of a file")
+        _check_folder(flag, path, os.path.dirname(os.path.abspath(path)))
+    if args.out_dir:
+        if os.path.lexists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise UserInputError(f"--out_dir {args.out_dir} is not a folder; pass a folder (it is made if missing)")
+        _check_folder("--out_dir", args.out_dir, args.out_dir)
+        for name in ["index.html"] + [f"query_{n:04d}.png" for n in range(1, n_queries + 1)]:
+            if os.path.isdir(os.path.join(args.out_dir, name)):
+                raise UserInputError(f"--out_dir {args.out_dir} holds a folder {name}, where a result goes; "
+                                     f"remove it or pass another --out_dir")
+    inputs = [(flag, path) for flag, path in (("--model_checkpoint", args.model_checkpoint),
+                                              ("--queries", args.queries), ("--image", args.image)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        for other_flag, other in inputs + outputs[:i]:
+            if _same_file(path, other):
+                raise UserInputError(f"{flag} {path} is also {other_flag}, which it would overwrite; pass another "
+                                     f"path for {flag}")
+    if args.index:
+        read_index_file(args.index)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,8 +388,8 @@ def draw_query(query: dict, results: list[dict], gallery: str, thumb: int):
 
 
 def write_outputs(args, queries: list[dict], ranked: list[list[dict]]) -> None:
-    from checkpoint import atomic_write
-
+    """The results table on stdout, then the files ``--json``, ``--out`` and ``--out_dir`` ask for (checked by
+    ``check_output_paths``; ``WriteFailed`` when one cannot be written)."""
     for n, (q, results) in enumerate(zip(queries, ranked), 1):
         print(f"query {n}: {q['image']} \"{q['text']}\"")
         print(f"{'rank':>6} {'score':>8}  path")
@@ -365,35 +405,37 @@ def write_outputs(args, queries: list[dict], ranked: list[list[dict]]) -> None:
                 obj["results"] = [{"rank": r["rank"], "path": r["path"], "score": round(r["score"], 6)}
                                   for r in results]
                 f.write(json.dumps(obj) + "\n")
-        atomic_write(args.json, write, mode="w")
+        write_file(args.json, write, mode="w")
     if args.out:
         picture = draw_query(queries[0], ranked[0], args.gallery, args.thumb)
-        atomic_write(args.out, lambda f: picture.save(f, format="PNG"))
+        write_file(args.out, lambda f: picture.save(f, format="PNG"))
     if args.out_dir:
-        os.makedirs(args.out_dir, exist_ok=True)
         items = []
         for n, (q, results) in enumerate(zip(queries, ranked), 1):
             name = f"query_{n:04d}.png"
             picture = draw_query(q, results, args.gallery, args.thumb)
-            atomic_write(os.path.join(args.out_dir, name), lambda f: picture.save(f, format="PNG"))
+            write_file(os.path.join(args.out_dir, name), lambda f: picture.save(f, format="PNG"))
             items.append(f"<h3>{n}. {html.escape(q['image'])}: &ldquo;{html.escape(q['text'])}&rdquo;</h3>\n"
                          f"<img src=\"{name}\" alt=\"query {n}\">")
         page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>retrieve.py results</title></head>"
                 "<body>\n" + "\n".join(items) + "\n</body></html>\n")
-        atomic_write(os.path.join(args.out_dir, "index.html"), lambda f: f.write(page), mode="w")
+        write_file(os.path.join(args.out_dir, "index.html"), lambda f: f.write(page), mode="w")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Checks every input and output, then builds the checkpoint's model, encodes the gallery (or reuses the
+    index) and the queries, ranks and writes the results."""
     import factory
-    from checkpoint import read_checkpoint
 
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     queries = read_queries(args)
-    files = scan_gallery(args.gallery)
+    check_output_paths(args, len(queries))
+    files, skipped = scan_gallery(args.gallery)
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
+    validate_checkpoint_settings(recorded_settings(read_checkpoint(args.model_checkpoint)), args.model_checkpoint)
     device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
     if args.dataset_path:
@@ -407,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
                 "model": str(margs.model)}
     files, gallery_feats, query_feats = gallery_features(args, model, int(margs.image_size), identity, files,
-                                                         queries, device)
+                                                         queries, device, skipped)
     where = {f: i for i, f in enumerate(files)}
     exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries], dtype=torch.long)
     ranked = []
@@ -420,6 +462,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 on success; 2 (one ``retrieve.py: error:`` line) for bad input; 1 for an output that
+    cannot be written or features that are not finite."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = get_args_parser().parse_args(argv)
@@ -430,6 +474,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 2
+    except WriteFailed as exc:  # a full disk, a write error: not the input's fault
+        print(f"retrieve.py: error: {exc}", file=sys.stderr)
+        return 1
     except ValueError as exc:
         from test_retrieval import NonFiniteFeaturesError
 
