@@ -56,7 +56,7 @@ __all__ = ["PRESETS", "RANDOM_BERTS", "REFERENCE", "endless_batches", "get_args_
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    """benchmark.py's flags (main.py's own flags for the run are derived from them by ``benchmarks.common.main_args``)."""
+    """benchmark.py's flags (``benchmarks.common.main_args`` derives main.py's flags for the run from them)."""
     p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     flag = dict(type=config.str2bool, nargs="?", const=True)  # `--amp`, `--amp True` and `--amp False` all work

@@ -335,9 +335,10 @@ def _time_training(a: argparse.Namespace, steps: _Steps, s: Setup) -> tuple[dict
     train_s = time.perf_counter() - t0
     loss = float(steps.terms["total training loss"])
     train_peak, _ = peak_memory(s.device)
-    return {"train_samples_per_s": samples / train_s, "train_images_per_s": 2 * samples / train_s,
-            "train_step_ms": 1e3 * train_s / a.iters, "train_seconds": train_s, "train_samples": samples,
-            "data_wait_fraction": data_wait / train_s, "final_loss": loss, "loss_finite": math.isfinite(loss)}, train_peak
+    figures = {"train_samples_per_s": samples / train_s, "train_images_per_s": 2 * samples / train_s,
+               "train_step_ms": 1e3 * train_s / a.iters, "train_seconds": train_s, "train_samples": samples,
+               "data_wait_fraction": data_wait / train_s, "final_loss": loss, "loss_finite": math.isfinite(loss)}
+    return figures, train_peak
 
 
 def _diagnostics(a: argparse.Namespace, steps: _Steps, s: Setup, result: dict[str, Any]) -> None:
