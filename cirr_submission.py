@@ -18,6 +18,7 @@ import test_retrieval
 from checkpoint import atomic_write
 from datasets import RetrievalTask
 from distributed import distributed_world
+from protocols.base import DEFAULT_MAX_CHUNK_ELEMS, normalize_rows, query_chunks, similarities
 
 logger = logging.getLogger("main")
 
@@ -28,10 +29,30 @@ RECALL_FILE = "test1_pred_ranks_recall.json"  # the names of the CIRR repository
 SUBSET_FILE = "test1_pred_ranks_recall_subset.json"
 
 
+def ranked_names(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
+                 subset_k: int, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[list[list], list[list]]:
+    """Per query, the ``k`` best gallery labels with the reference removed (``test_retrieval.top_k`` with its
+    exclusion), and the ``subset_k`` best of ``task.query_subsets`` (the CIRR test-server submission's two lists)."""
+    labels = task.gallery_labels["image"]
+    exclude = torch.tensor(task.query_exclude, dtype=torch.long) if task.query_exclude is not None else None
+    _, idx = test_retrieval.top_k(query_feats, gallery_feats, k, exclude, max_chunk_elems)  # (Q, k)
+    top = [[labels[i] for i in row] for row in idx.tolist()]
+    subset_top = []
+    gallery_unit = normalize_rows(gallery_feats)  # (G, D)
+    for start, stop in query_chunks(len(task.query_source), len(task.gallery), max_chunk_elems):
+        sims = similarities(query_feats[start:stop], gallery_unit).cpu()  # (C, G)
+        for c, q in enumerate(range(start, stop)):
+            members = sorted(m for m in task.query_subsets[q] if exclude is None or m != int(exclude[q]))
+            member_sims = sims[c, torch.tensor(members, dtype=torch.long)] if members else torch.empty(0)
+            order = torch.sort(member_sims, descending=True, stable=True).indices[:subset_k].tolist()
+            subset_top.append([labels[members[i]] for i in order])
+    return top, subset_top
+
+
 def submission_dicts(task: RetrievalTask, query_feats: torch.Tensor,
                      gallery_feats: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``recall`` and ``recall_subset`` dicts of a CIRR task's query (Q, D) and gallery (G, D) features."""
-    top, subset = test_retrieval.ranked_names(task, query_feats, gallery_feats, RECALL_TOP, SUBSET_TOP)
+    top, subset = ranked_names(task, query_feats, gallery_feats, RECALL_TOP, SUBSET_TOP)
     recall: dict[str, Any] = {"version": CIRR_VERSION, "metric": "recall"}
     recall_subset: dict[str, Any] = {"version": CIRR_VERSION, "metric": "recall_subset"}
     for pairid, names, subset_names in zip(task.query_ids, top, subset):

@@ -14,28 +14,42 @@ arXiv 2006.11149, Sec. 4.2), as the reference code evaluates it:
 
 The ranking is computed without sorting the gallery: the rank of the first relevant gallery item of a query equals
 the number of gallery items ranked before it, which is a count over one similarity row (see ``first_hit_ranks``).
+
+The protocols of later work (CIRR, the standard Fashion IQ protocol) live in ``protocols``; ``PROTOCOLS`` maps a
+task's ``protocol`` name to the ``protocols.base.Protocol`` that names and computes its metrics.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from datasets import RetrievalTask
 from distributed import all_gather_rows, distributed_world
+from protocols.base import (DEFAULT_MAX_CHUNK_ELEMS, Protocol, full_fp32_matmul, normalize_rows, recall_at_k,
+                            target_ranks_from_sims)
+from protocols.cirr import CIRR_KS, CIRR_SUBSET_KS, CirrProtocol, cirr_metrics
+from protocols.fashioniq import FASHIONIQ_STANDARD_KS, FashionIQStandardProtocol, fashioniq_standard_metrics
+
+# The public names, those of ``protocols`` that callers reach through this module among them.
+__all__ = ["CIRR_KS", "CIRR_SUBSET_KS", "DEFAULT_KS", "DEFAULT_MAX_CHUNK_ELEMS", "FASHIONIQ_STANDARD_KS",
+           "NONFINITE_POLICIES", "PROTOCOLS", "NonFiniteFeaturesError", "TirgProtocol", "cirr_metrics", "encode_task",
+           "evaluate", "fashioniq_standard_metrics", "first_hit_ranks", "metric_names", "normalize_rows",
+           "protocol_of", "recall_at_k", "retrieval_metrics", "target_ranks_from_sims", "task_ks",
+           "task_metrics", "top_k"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50, 100)  # the reference's recall cut-offs
-DEFAULT_MAX_CHUNK_ELEMS: int = 2 ** 25  # similarity entries held at once (128 MiB of fp32 per buffer)
 NONFINITE_POLICIES: tuple[str, ...] = ("refuse", "rank_last")
 
 
@@ -73,17 +87,6 @@ def _finite_rows(queries: torch.Tensor, gallery: torch.Tensor, nonfinite: str) -
 # ----------------------------------------------------------------------------------------------------------------
 # Metrics on features (pure functions)
 # ----------------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _full_fp32_matmul() -> Iterator[None]:
-    """Full fp32 matmuls (no TF32), whatever the caller enabled for training; restored afterwards."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
 
 def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, query_targets: torch.Tensor,
                     gallery_labels: torch.Tensor, query_exclude: torch.Tensor | None = None,
@@ -131,7 +134,7 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
 
     neg_inf = float("-inf")
     rows_per_chunk = max(1, int(max_chunk_elems) // n_gallery)
-    with torch.autocast(device_type=device.type, enabled=False), _full_fp32_matmul():
+    with torch.autocast(device_type=device.type, enabled=False), full_fp32_matmul():
         queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
         gallery = F.normalize(gallery_feats.to(device=device, dtype=torch.float32), dim=1)  # (G, D)
         gallery_t = gallery.t()  # (D, G) a view, no copy
@@ -159,11 +162,6 @@ def first_hit_ranks(query_feats: torch.Tensor, gallery_feats: torch.Tensor, quer
                 hit_possible = relevant.any(dim=1) & q_ok[start:stop]  # (C,)
                 ranks[start:stop, v] = torch.where(hit_possible, rank, n_gallery)
     return ranks
-
-
-def normalize_rows(feats: torch.Tensor) -> torch.Tensor:
-    """(N, D) rows L2-normalised in fp32 as the ranking normalises them (a zero row stays zero)."""
-    return F.normalize(feats.float(), dim=1)
 
 
 def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_exclude: torch.Tensor | None = None,
@@ -194,7 +192,7 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
     if n_queries == 0 or k == 0:
         return scores, indices
     rows_per_chunk = max(1, int(max_chunk_elems) // n_gallery)
-    with torch.autocast(device_type=device.type, enabled=False), _full_fp32_matmul():
+    with torch.autocast(device_type=device.type, enabled=False), full_fp32_matmul():
         queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
         gallery = gallery_feats.to(device=device, dtype=torch.float32)  # (G, D)
         gallery_t = (gallery if gallery_normalized else normalize_rows(gallery)).t()  # (D, G)
@@ -220,13 +218,6 @@ def top_k(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int, query_
     return scores, indices
 
 
-def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
-    """recall@k = mean(rank < k) over the (Q,) first-hit ranks; NaN for an empty set of queries."""
-    if ranks.numel() == 0:
-        return {k: math.nan for k in ks}
-    return {k: (ranks < k).double().mean().item() for k in ks}
-
-
 def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """Labels to ints, per view, with one vocabulary shared by gallery labels and query targets.
 
@@ -247,20 +238,6 @@ def _encode_labels(task: RetrievalTask) -> tuple[list[str], torch.Tensor, torch.
         gallery_ids[:, v] = torch.tensor([vocab.setdefault(x, len(vocab)) for x in gal], dtype=torch.long)
         target_ids[:, v] = torch.tensor([vocab.setdefault(x, len(vocab)) for x in tgt], dtype=torch.long)
     return views, gallery_ids, target_ids
-
-
-def metric_names(task: RetrievalTask) -> list[str]:
-    """The names ``task_metrics`` gives for ``task`` (its protocol), in its order, without computing anything."""
-    if task.protocol == "cirr":
-        names = [f"recall_top{k}_correct_composition" for k in CIRR_KS]
-        if task.query_subsets is not None:
-            names += [f"recall_subset_top{k}_correct_composition" for k in CIRR_SUBSET_KS]
-        return names
-    if task.protocol == "fashioniq_standard":
-        return [name for k in FASHIONIQ_STANDARD_KS
-                for name in [*(f"recall_top{k}_correct_{g}" for g in task.query_groups), f"recall_top{k}_correct_mean"]]
-    groups = task.query_groups if task.query_groups is not None else task.gallery_labels
-    return [f"recall_top{k}_correct_{g}" for k in task_ks(task) for g in groups]
 
 
 def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
@@ -316,6 +293,70 @@ def retrieval_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_fe
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Protocols: the task's ``protocol`` name -> how its metrics are named and computed
+# ----------------------------------------------------------------------------------------------------------------
+
+def task_ks(task: RetrievalTask) -> tuple[int, ...]:
+    """The task's recall cut-offs: ``task.ks``, or the reference's ``DEFAULT_KS``."""
+    return tuple(task.ks) if task.ks else DEFAULT_KS
+
+
+class TirgProtocol(Protocol):
+    """The original's protocol (TIRG, Vo et al., CVPR 2019, Sec. 4; ComposeAE, Anwaar et al., WACV 2021, Sec. 4.2):
+    ``retrieval_metrics`` at the caller's ``ks``, else the task's (``task_ks``); non-finite features follow the
+    caller's ``nonfinite`` policy (see ``first_hit_ranks``)."""
+
+    refuses_nonfinite = False
+
+    def metric_names(self, task: RetrievalTask) -> list[str]:
+        """``recall_top{k}_correct_{view or group}`` for k in ``task_ks(task)``, in ``retrieval_metrics``'s order."""
+        groups = task.query_groups if task.query_groups is not None else task.gallery_labels
+        return [f"recall_top{k}_correct_{g}" for k in task_ks(task) for g in groups]
+
+    def metrics(self, task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor, *,
+                max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, nonfinite: str = "refuse",
+                ks: Sequence[int] | None = None) -> OrderedDict[str, float]:
+        """``retrieval_metrics`` at ``ks`` (None: ``task_ks(task)``)."""
+        return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
+                                 max_chunk_elems=max_chunk_elems, nonfinite=nonfinite)
+
+
+# Every protocol a RetrievalTask can name: 'tirg' (the original's), 'cirr' (reference removed, recall and
+# recall_subset), 'fashioniq_standard' (per-category galleries, R@10 / R@50).
+PROTOCOLS: dict[str, Protocol] = {"tirg": TirgProtocol(), "cirr": CirrProtocol(),
+                                  "fashioniq_standard": FashionIQStandardProtocol()}
+
+
+def protocol_of(task: RetrievalTask) -> Protocol:
+    """The ``PROTOCOLS`` entry of ``task.protocol``; a ValueError naming an unknown protocol."""
+    protocol = PROTOCOLS.get(task.protocol)
+    if protocol is None:
+        raise ValueError(f"unknown retrieval protocol {task.protocol!r}")
+    return protocol
+
+
+def metric_names(task: RetrievalTask) -> list[str]:
+    """The names ``task_metrics`` gives for ``task`` (its protocol), in its order, without computing anything."""
+    return protocol_of(task).metric_names(task)
+
+
+def task_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
+                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, nonfinite: str = "refuse",
+                 ks: Sequence[int] | None = None) -> OrderedDict[str, float]:
+    """The metrics of ``task.protocol`` (its ``PROTOCOLS`` entry): ``'tirg'`` (``retrieval_metrics``, at ``ks``,
+    else at ``task.ks`` when given), ``'cirr'`` (``cirr_metrics``) or ``'fashioniq_standard'``
+    (``fashioniq_standard_metrics``).
+
+    Non-finite features: the TIRG protocol follows ``nonfinite`` (see ``first_hit_ranks``); the later-work
+    protocols always refuse them (``NonFiniteFeaturesError``)."""
+    protocol = protocol_of(task)
+    if protocol.refuses_nonfinite:
+        _finite_rows(query_feats, gallery_feats, "refuse")
+    return protocol.metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems, nonfinite=nonfinite,
+                            ks=ks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model evaluation
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -346,8 +387,6 @@ def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, w
         if rows is not None:
             out[index.to(device)] = rows.float()
         return out
-
-    import torch.distributed as dist
 
     comm_device = torch.device("cpu") if dist.get_backend() == "gloo" else device
     n_local = 0 if rows is None else rows.shape[0]
@@ -382,6 +421,108 @@ def _scatter_rows(buf: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -
     buf.index_copy_(0, dst, src.to(buf.dtype))
 
 
+
+@dataclasses.dataclass
+class _Share:
+    """This process's part of a task's encoding: its images, the buffer rows where each one's embedding (gallery)
+    and composition state (query source) are kept, and the queries it composes."""
+
+    used: list[int]  # (U,) positions in task.image_keys that the gallery or a query needs, sorted
+    slot: dict[int, int]  # position -> index in `used`
+    mine: list[int]  # (M,) this rank's images: used[rank::world_size]
+    gallery_rows: torch.Tensor  # (M,) row in the gallery buffer of each image of `mine`, -1: not kept
+    source_rows: torch.Tensor  # (M,) row in the state buffer of each image of `mine`, -1: not kept
+    source_row_of: dict[int, int]  # position -> row in the state buffer
+    n_gallery: int  # rows of the gallery buffer
+    n_sources: int  # rows of the state buffer
+    queries: list[int]  # the queries whose source image this rank encodes
+
+
+def _share(task: RetrievalTask, rank: int, world_size: int) -> _Share:
+    """Rank ``rank``'s strided share of the images the task uses, and its queries."""
+    gallery_set, source_set = set(task.gallery), set(task.query_source)
+    used = sorted(gallery_set | source_set)
+    slot = {p: i for i, p in enumerate(used)}
+    mine = used[rank::world_size]
+    gallery_rows, source_rows, source_row_of = [], [], {}
+    n_gal_local = n_src_local = 0
+    for p in mine:
+        gallery_rows.append(n_gal_local if p in gallery_set else -1)
+        n_gal_local += p in gallery_set
+        if p in source_set:
+            source_row_of[p] = n_src_local
+            n_src_local += 1
+        source_rows.append(source_row_of.get(p, -1))
+    queries = [q for q in range(len(task.query_source)) if slot[task.query_source[q]] % world_size == rank]
+    return _Share(used, slot, mine, torch.tensor(gallery_rows, dtype=torch.long),
+                  torch.tensor(source_rows, dtype=torch.long), source_row_of, n_gal_local, n_src_local, queries)
+
+
+def _encode_images(model: torch.nn.Module, loader: DataLoader, share: _Share, device: torch.device,
+                   autocast: torch.autocast, desc: str, show: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every image of the share through ``model.image_features`` once: ``(gallery embeddings (n_gallery, D) fp32,
+    query source states (n_sources, ...))``, None where the share keeps none."""
+    gallery_buf: torch.Tensor | None = None  # (n_gallery, D) fp32
+    state_buf: torch.Tensor | None = None  # (n_sources, ...) the model's state dtype
+    start = 0
+    for imgs in tqdm(loader, desc=f"{desc} images", disable=not show):
+        imgs = imgs.to(device, non_blocking=True)  # (B, 3, S, S) uint8
+        with autocast:
+            embedding, state = model.image_features(imgs)  # (B, D), (B, ...)
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"model.image_features must return a tensor state, got {type(state).__name__}")
+        g_rows = share.gallery_rows[start:start + imgs.shape[0]]  # (B,) on the CPU
+        s_rows = share.source_rows[start:start + imgs.shape[0]]  # (B,) on the CPU
+        start += imgs.shape[0]
+        if gallery_buf is None and share.n_gallery:
+            gallery_buf = torch.empty(share.n_gallery, embedding.shape[1], dtype=torch.float32, device=device)
+        if state_buf is None and share.n_sources:
+            state_buf = torch.empty((share.n_sources,) + tuple(state.shape[1:]), dtype=state.dtype, device=device)
+        # which rows to keep is known on the CPU: index copies, no boolean mask on the device (host sync)
+        if gallery_buf is not None:
+            _scatter_rows(gallery_buf, g_rows, embedding.float())
+        if state_buf is not None:
+            _scatter_rows(state_buf, s_rows, state)
+    return gallery_buf, state_buf
+
+
+def _compose_queries(model: torch.nn.Module, task: RetrievalTask, share: _Share, state_buf: torch.Tensor | None,
+                     batch_size: int, device: torch.device, autocast: torch.autocast, desc: str,
+                     show: bool) -> torch.Tensor | None:
+    """The share's queries composed in batches from the kept source states and their texts: the ``'repres'``
+    features (q_local, D) fp32, None for no query."""
+    query_parts = []
+    for b in tqdm(range(0, len(share.queries), batch_size), desc=f"{desc} queries", disable=not show):
+        batch = share.queries[b:b + batch_size]
+        rows = torch.tensor([share.source_row_of[task.query_source[q]] for q in batch]).to(
+            device, non_blocking=True)  # (B,) no host sync
+        with autocast:
+            text_feats = model.extract_text_feature([task.query_text[q] for q in batch])  # (B, T)
+            repres = model.compose_img_text_features(state_buf[rows], text_feats)["repres"]  # (B, D)
+        query_parts.append(repres.float())
+    return torch.cat(query_parts) if query_parts else None  # (q_local, D)
+
+
+def _complete_features(task: RetrievalTask, share: _Share, gallery_buf: torch.Tensor | None,
+                       query_local: torch.Tensor | None, world_size: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows put together: the task's query features (Q, D) and gallery features (G, D)."""
+    n_queries = len(task.query_source)
+    gallery_set = set(task.gallery)
+    gallery_positions = torch.tensor([share.slot[p] for p in share.mine if p in gallery_set], dtype=torch.long)
+    image_feats = _assemble_rows(gallery_buf, gallery_positions, len(share.used), world_size, device)  # (U, D)
+    gallery_feats = image_feats[torch.tensor([share.slot[p] for p in task.gallery], dtype=torch.long,
+                                             device=device)]  # (G, D)
+    query_feats = _assemble_rows(query_local, torch.tensor(share.queries, dtype=torch.long), n_queries,
+                                 world_size, device)  # (Q, D)
+    if query_feats.shape[1] != gallery_feats.shape[1]:  # no query or no gallery item: width unknown there
+        dim = max(query_feats.shape[1], gallery_feats.shape[1])
+        query_feats = query_feats.new_zeros(n_queries, dim) if query_feats.shape[1] == 0 else query_feats
+        gallery_feats = (gallery_feats.new_zeros(len(task.gallery), dim) if gallery_feats.shape[1] == 0
+                         else gallery_feats)
+    return query_feats, gallery_feats
+
+
 def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch_size: int = 32,
                 device: torch.device | str | None = None, num_workers: int = 0, amp: bool = False,
                 desc: str = "test", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,32 +553,13 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
     device = torch.device(device)
     rank, world_size = distributed_world()
     show = progress and rank == 0
-
     n_queries = len(task.query_source)
     if len(task.query_text) != n_queries:
         raise ValueError(f"task has {len(task.query_text)} query texts for {n_queries} query sources")
-    gallery_set, source_set = set(task.gallery), set(task.query_source)
-    used = sorted(gallery_set | source_set)  # positions in task.image_keys that are needed
-    slot = {p: i for i, p in enumerate(used)}  # position -> index in `used`
-    mine = used[rank::world_size]  # this rank's images (strided share)
-
-    # rows of this rank's gallery embedding / source state buffers, per image of `mine` (-1: not kept)
-    gallery_rows, source_rows, source_row_of = [], [], {}
-    n_gal_local = n_src_local = 0
-    for p in mine:
-        gallery_rows.append(n_gal_local if p in gallery_set else -1)
-        n_gal_local += p in gallery_set
-        if p in source_set:
-            source_row_of[p] = n_src_local
-            n_src_local += 1
-        source_rows.append(source_row_of.get(p, -1))
-    gallery_rows_t = torch.tensor(gallery_rows, dtype=torch.long)  # (M,)
-    source_rows_t = torch.tensor(source_rows, dtype=torch.long)  # (M,)
-    my_queries = [q for q in range(n_queries) if slot[task.query_source[q]] % world_size == rank]
-    logger.info("%s: %d images (%d on this rank), %d queries (%d on this rank), gallery %d", desc, len(used),
-                len(mine), n_queries, len(my_queries), len(task.gallery))
-
-    loader = DataLoader(_KeyedImages(dataset, [task.image_keys[p] for p in mine]), batch_size=batch_size,
+    share = _share(task, rank, world_size)
+    logger.info("%s: %d images (%d on this rank), %d queries (%d on this rank), gallery %d", desc, len(share.used),
+                len(share.mine), n_queries, len(share.queries), len(task.gallery))
+    loader = DataLoader(_KeyedImages(dataset, [task.image_keys[p] for p in share.mine]), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # worker seeds from its own generator: training's RNG stays put
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
@@ -446,52 +568,9 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
     model.eval()
     try:
         with torch.inference_mode():
-            gallery_buf: torch.Tensor | None = None  # (n_gal_local, D) fp32
-            state_buf: torch.Tensor | None = None  # (n_src_local, ...) the model's state dtype
-            start = 0
-            for imgs in tqdm(loader, desc=f"{desc} images", disable=not show):
-                imgs = imgs.to(device, non_blocking=True)  # (B, 3, S, S) uint8
-                with autocast:
-                    embedding, state = model.image_features(imgs)  # (B, D), (B, ...)
-                if not isinstance(state, torch.Tensor):
-                    raise TypeError(f"model.image_features must return a tensor state, got {type(state).__name__}")
-                g_rows = gallery_rows_t[start:start + imgs.shape[0]]  # (B,) on the CPU
-                s_rows = source_rows_t[start:start + imgs.shape[0]]  # (B,) on the CPU
-                start += imgs.shape[0]
-                if gallery_buf is None and n_gal_local:
-                    gallery_buf = torch.empty(n_gal_local, embedding.shape[1], dtype=torch.float32, device=device)
-                if state_buf is None and n_src_local:
-                    state_buf = torch.empty((n_src_local,) + tuple(state.shape[1:]), dtype=state.dtype,
-                                            device=device)
-                # which rows to keep is known on the CPU: index copies, no boolean mask on the device (host sync)
-                if gallery_buf is not None:
-                    _scatter_rows(gallery_buf, g_rows, embedding.float())
-                if state_buf is not None:
-                    _scatter_rows(state_buf, s_rows, state)
-
-            query_parts = []
-            for b in tqdm(range(0, len(my_queries), batch_size), desc=f"{desc} queries", disable=not show):
-                batch = my_queries[b:b + batch_size]
-                rows = torch.tensor([source_row_of[task.query_source[q]] for q in batch]).to(
-                    device, non_blocking=True)  # (B,) no host sync
-                with autocast:
-                    text_feats = model.extract_text_feature([task.query_text[q] for q in batch])  # (B, T)
-                    repres = model.compose_img_text_features(state_buf[rows], text_feats)["repres"]  # (B, D)
-                query_parts.append(repres.float())
-            query_local = torch.cat(query_parts) if query_parts else None  # (q_local, D)
-
-            gallery_positions = torch.tensor([slot[p] for p in mine if p in gallery_set], dtype=torch.long)
-            image_feats = _assemble_rows(gallery_buf, gallery_positions, len(used), world_size, device)  # (U, D)
-            gallery_feats = image_feats[torch.tensor([slot[p] for p in task.gallery], dtype=torch.long,
-                                                     device=device)]  # (G, D)
-            query_feats = _assemble_rows(query_local, torch.tensor(my_queries, dtype=torch.long), n_queries,
-                                         world_size, device)  # (Q, D)
-            if query_feats.shape[1] != gallery_feats.shape[1]:  # no query or no gallery item: width unknown there
-                dim = max(query_feats.shape[1], gallery_feats.shape[1])
-                query_feats = query_feats.new_zeros(n_queries, dim) if query_feats.shape[1] == 0 else query_feats
-                gallery_feats = (gallery_feats.new_zeros(len(task.gallery), dim) if gallery_feats.shape[1] == 0
-                                 else gallery_feats)
-            return query_feats, gallery_feats
+            gallery_buf, state_buf = _encode_images(model, loader, share, device, autocast, desc, show)
+            query_local = _compose_queries(model, task, share, state_buf, batch_size, device, autocast, desc, show)
+            return _complete_features(task, share, gallery_buf, query_local, world_size, device)
     finally:
         for module, flag in training_flags:
             module.training = flag
@@ -506,195 +585,5 @@ def evaluate(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, batch
     ``first_hit_ranks``."""
     query_feats, gallery_feats = encode_task(model, dataset, task, batch_size=batch_size, device=device,
                                              num_workers=num_workers, amp=amp, desc=desc, progress=progress)
-    if task.protocol != "tirg":
-        return task_metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems, nonfinite=nonfinite)
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task) if ks is None else ks,
-                             max_chunk_elems=max_chunk_elems, nonfinite=nonfinite)
-
-
-def task_ks(task: RetrievalTask) -> tuple[int, ...]:
-    """The task's recall cut-offs: ``task.ks``, or the reference's ``DEFAULT_KS``."""
-    return tuple(task.ks) if task.ks else DEFAULT_KS
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Single-target protocols of later work (CIRR, the standard Fashion IQ protocol), pure functions
-# ----------------------------------------------------------------------------------------------------------------
-
-CIRR_KS: tuple[int, ...] = (1, 5, 10, 50)  # CIRR's Recall@K (Liu et al., ICCV 2021, Sec. 5)
-CIRR_SUBSET_KS: tuple[int, ...] = (1, 2, 3)  # CIRR's Recall_subset@K over the img_set members
-FASHIONIQ_STANDARD_KS: tuple[int, ...] = (10, 50)  # R@10 and R@50 of CLIP4Cir and its successors
-
-
-def target_ranks_from_sims(sims: torch.Tensor, targets: torch.Tensor, exclude: torch.Tensor | None = None,
-                           candidates: torch.Tensor | None = None, exclude_mode: str = "removed") -> torch.Tensor:
-    """0-based rank of each query's one target item in its similarity row.
-
-    sims: (Q, G) similarities; targets: (Q,) gallery position of the target, -1 for none (rank = number of
-    candidates: never a hit). exclude: (Q,) gallery position taken out of the query's ranking (its reference image),
-    -1 for none. ``exclude_mode``: ``'removed'`` (CIRR: the item is not in the ranking at all, so a target equal to
-    it is never found) or ``'last'`` (TIRG: the item stays, ranked after every other one).
-    candidates: (Q, M) gallery positions that make up each query's ranking (CIRR's subset: the img_set members
-    other than the reference), -1 for padding; None = the whole gallery.
-
-    Ranking by descending similarity, ties to the lower gallery position (a stable sort of ``-sims``). Returns a
-    LongTensor (Q,) on ``sims.device``.
-    """
-    if exclude_mode not in ("removed", "last"):
-        raise ValueError(f"exclude_mode must be 'removed' or 'last', got {exclude_mode!r}")
-    n_queries, n_gallery = sims.shape
-    device = sims.device
-    sims = sims.float().clone()  # (Q, G)
-    targets = targets.to(device=device, dtype=torch.long)  # (Q,)
-    rows = torch.arange(n_queries, device=device)  # (Q,)
-    if candidates is None:
-        candidates = torch.arange(n_gallery, device=device).expand(n_queries, n_gallery)  # (Q, G) a view
-    candidates = candidates.to(device=device, dtype=torch.long)  # (Q, M)
-    valid = candidates >= 0  # (Q, M)
-    if exclude is not None:
-        exclude = exclude.to(device=device, dtype=torch.long)  # (Q,)
-        is_excluded = (candidates == exclude.unsqueeze(1)) & (exclude.unsqueeze(1) >= 0)  # (Q, M)
-        if exclude_mode == "removed":
-            valid = valid & ~is_excluded
-        else:
-            cols = exclude.clamp_min(0)
-            sims[rows, cols] = torch.where(exclude >= 0, float("-inf"), sims[rows, cols])
-    cand_sims = sims.gather(1, candidates.clamp_min(0))  # (Q, M)
-    is_target = (candidates == targets.unsqueeze(1)) & valid & (targets.unsqueeze(1) >= 0)  # (Q, M)
-    found = is_target.any(dim=1)  # (Q,)
-    t_sim = torch.where(is_target, cand_sims, float("-inf")).amax(dim=1, keepdim=True)  # (Q, 1)
-    before = valid & ((cand_sims > t_sim) | ((cand_sims == t_sim) & (candidates < targets.unsqueeze(1))))  # (Q, M)
-    n_valid = valid.sum(dim=1)  # (Q,)
-    return torch.where(found, before.sum(dim=1), n_valid)
-
-
-def _similarities(query_feats: torch.Tensor, gallery_unit: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities (Q, G) in full fp32: the query rows L2-normalised here, ``gallery_unit`` already
-    ``normalize_rows`` (normalised once by the caller, not once per query chunk; a zero row stays zero)."""
-    with torch.autocast(device_type=query_feats.device.type, enabled=False), _full_fp32_matmul():
-        queries = F.normalize(query_feats.float(), dim=1)  # (Q, D)
-        return queries @ gallery_unit.to(device=query_feats.device).t()  # (Q, G)
-
-
-def _target_positions(task: RetrievalTask, view: str = "image") -> torch.Tensor:
-    """(Q,) gallery position of each query's target label (its first occurrence), -1 where it is absent."""
-    first: dict[Any, int] = {}
-    for g, label in enumerate(task.gallery_labels[view]):
-        first.setdefault(label, g)
-    return torch.tensor([first.get(t, -1) for t in task.query_targets[view]], dtype=torch.long)
-
-
-def _query_chunks(n_queries: int, n_columns: int, max_chunk_elems: int) -> Iterator[tuple[int, int]]:
-    step = max(1, int(max_chunk_elems) // max(1, n_columns))
-    for start in range(0, n_queries, step):
-        yield start, min(start + step, n_queries)
-
-
-def cirr_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
-                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
-    """CIRR's official validation protocol (Liu et al., ICCV 2021; the CIRR repository's evaluation).
-
-    The gallery is every image of the split, the reference image is removed from its own ranking
-    (``task.query_exclude``), the hit is ``target_hard`` (``task.query_targets['image']``):
-    ``recall_top{1,5,10,50}_correct_composition``. ``recall_subset_top{1,2,3}_correct_composition``: the same
-    similarities ranked over ``task.query_subsets`` only (the img_set members other than the reference).
-    """
-    n_queries = len(task.query_source)
-    targets = _target_positions(task)  # (Q,)
-    exclude = torch.tensor(task.query_exclude if task.query_exclude is not None else [-1] * n_queries)  # (Q,)
-    width = max((len(s) for s in task.query_subsets or []), default=0)
-    subsets = torch.full((n_queries, width), -1, dtype=torch.long)  # (Q, M)
-    for q, members in enumerate(task.query_subsets or []):
-        subsets[q, :len(members)] = torch.tensor(members, dtype=torch.long)
-    ranks, subset_ranks = [], []
-    gallery_unit = normalize_rows(gallery_feats)  # (G, D)
-    for start, stop in _query_chunks(n_queries, len(task.gallery), max_chunk_elems):
-        sims = _similarities(query_feats[start:stop], gallery_unit)  # (C, G)
-        ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop]).cpu())
-        if task.query_subsets is not None:
-            subset_ranks.append(target_ranks_from_sims(sims, targets[start:stop], exclude[start:stop],
-                                                       subsets[start:stop].to(sims.device)).cpu())
-    out: OrderedDict[str, float] = OrderedDict()
-    all_ranks = torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long)
-    for k, r in recall_at_k(all_ranks, CIRR_KS).items():
-        out[f"recall_top{k}_correct_composition"] = r
-    if task.query_subsets is not None:
-        all_subset = torch.cat(subset_ranks) if subset_ranks else torch.empty(0, dtype=torch.long)
-        for k, r in recall_at_k(all_subset, CIRR_SUBSET_KS).items():
-            out[f"recall_subset_top{k}_correct_composition"] = r
-    return out
-
-
-def fashioniq_standard_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
-                               max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> OrderedDict[str, float]:
-    """The Fashion IQ protocol of CLIP4Cir (Baldrati et al., CVPRW 2022 / TOMM 2023, ``validate.py``) and its
-    successors: the queries of each category are ranked against that category's val images only
-    (``task.gallery_groups``), the hit is the target image, and the reference image is NOT removed (CLIP4Cir does
-    not remove it; papers that remove it report different numbers). ``recall_top{10,50}_correct_<category>`` and
-    their mean over the categories, ``recall_top{10,50}_correct_mean``.
-    """
-    if task.query_groups is None or task.gallery_groups is None:
-        raise ValueError("the standard Fashion IQ protocol needs query_groups and gallery_groups")
-    labels = task.gallery_labels["image"]
-    out: OrderedDict[str, float] = OrderedDict()
-    per_group: dict[str, dict[int, float]] = {}
-    for group, members in task.query_groups.items():
-        g_mask = torch.tensor(task.gallery_groups[group], dtype=torch.bool)  # (G,)
-        q_idx = torch.nonzero(torch.tensor(members, dtype=torch.bool)).flatten()  # (Qc,)
-        g_idx = torch.nonzero(g_mask).flatten()  # (Gc,)
-        where = {}
-        for local, g in enumerate(g_idx.tolist()):
-            where.setdefault(labels[g], local)
-        targets = torch.tensor([where.get(task.query_targets["image"][q], -1) for q in q_idx.tolist()],
-                               dtype=torch.long)  # (Qc,) position in this group's gallery
-        ranks = []
-        group_gallery = normalize_rows(gallery_feats[g_idx.to(gallery_feats.device)])  # (Gc, D)
-        for start, stop in _query_chunks(len(q_idx), len(g_idx), max_chunk_elems):
-            sims = _similarities(query_feats[q_idx[start:stop].to(query_feats.device)], group_gallery)  # (C, Gc)
-            ranks.append(target_ranks_from_sims(sims, targets[start:stop]).cpu())
-        per_group[group] = recall_at_k(torch.cat(ranks) if ranks else torch.empty(0, dtype=torch.long),
-                                       FASHIONIQ_STANDARD_KS)
-    for k in FASHIONIQ_STANDARD_KS:
-        for group in task.query_groups:
-            out[f"recall_top{k}_correct_{group}"] = per_group[group][k]
-        out[f"recall_top{k}_correct_mean"] = sum(per_group[g][k] for g in per_group) / max(1, len(per_group))
-    return out
-
-
-def task_metrics(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor,
-                 max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS, nonfinite: str = "refuse") -> OrderedDict[str, float]:
-    """The metrics of ``task.protocol``: ``'tirg'`` (``retrieval_metrics``, at ``task.ks`` when given),
-    ``'cirr'`` (``cirr_metrics``) or ``'fashioniq_standard'`` (``fashioniq_standard_metrics``).
-
-    Non-finite features: the TIRG protocol follows ``nonfinite`` (see ``first_hit_ranks``); the later-work
-    protocols always refuse them (``NonFiniteFeaturesError``)."""
-    if task.protocol != "tirg":
-        _finite_rows(query_feats, gallery_feats, "refuse")
-    if task.protocol == "cirr":
-        return cirr_metrics(task, query_feats, gallery_feats, max_chunk_elems)
-    if task.protocol == "fashioniq_standard":
-        return fashioniq_standard_metrics(task, query_feats, gallery_feats, max_chunk_elems)
-    if task.protocol != "tirg":
-        raise ValueError(f"unknown retrieval protocol {task.protocol!r}")
-    return retrieval_metrics(task, query_feats, gallery_feats, ks=task_ks(task), max_chunk_elems=max_chunk_elems,
-                             nonfinite=nonfinite)
-
-
-def ranked_names(task: RetrievalTask, query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
-                 subset_k: int, max_chunk_elems: int = DEFAULT_MAX_CHUNK_ELEMS) -> tuple[list[list], list[list]]:
-    """Per query, the ``k`` best gallery labels with the reference removed (``top_k`` with its exclusion), and the
-    ``subset_k`` best of ``task.query_subsets`` (the CIRR test-server submission's two lists)."""
-    labels = task.gallery_labels["image"]
-    exclude = torch.tensor(task.query_exclude, dtype=torch.long) if task.query_exclude is not None else None
-    _, idx = top_k(query_feats, gallery_feats, k, exclude, max_chunk_elems)  # (Q, k)
-    top = [[labels[i] for i in row] for row in idx.tolist()]
-    subset_top = []
-    gallery_unit = normalize_rows(gallery_feats)  # (G, D)
-    for start, stop in _query_chunks(len(task.query_source), len(task.gallery), max_chunk_elems):
-        sims = _similarities(query_feats[start:stop], gallery_unit).cpu()  # (C, G)
-        for c, q in enumerate(range(start, stop)):
-            members = sorted(m for m in task.query_subsets[q] if exclude is None or m != int(exclude[q]))
-            member_sims = sims[c, torch.tensor(members, dtype=torch.long)] if members else torch.empty(0)
-            order = torch.sort(member_sims, descending=True, stable=True).indices[:subset_k].tolist()
-            subset_top.append([labels[members[i]] for i in order])
-    return top, subset_top
+    return task_metrics(task, query_feats, gallery_feats, max_chunk_elems=max_chunk_elems, nonfinite=nonfinite,
+                        ks=ks)

@@ -70,6 +70,30 @@ def test_cirr_metrics_reference_removed_and_subset_restricted():
     assert test_retrieval.task_metrics(task, queries, gallery) == m
 
 
+def test_protocol_registry_refusal_and_unknown_name():
+    """task_metrics and metric_names go through test_retrieval.PROTOCOLS: the later-work protocols refuse non-finite
+    features whatever ``nonfinite`` says, TIRG's follows it, and an unknown protocol is a ValueError naming it."""
+    gallery = torch.eye(6)
+    queries = torch.tensor([[9.0, 0, 8, 7, 0, 0], [math.nan, 9, 0, 0, 0, 5]])  # q1 is not finite
+    cirr = _cirr_task([0, 1], [[2, 3, 4], [3, 4, 5]])
+    assert test_retrieval.PROTOCOLS["cirr"].refuses_nonfinite and not test_retrieval.PROTOCOLS["tirg"].refuses_nonfinite
+    with pytest.raises(test_retrieval.NonFiniteFeaturesError):
+        test_retrieval.task_metrics(cirr, queries, gallery, nonfinite="rank_last")
+    tirg = RetrievalTask(**{**cirr.__dict__, "protocol": "tirg", "query_subsets": None, "ks": (1, 5)})
+    ranked = test_retrieval.task_metrics(tirg, queries, gallery, nonfinite="rank_last")
+    names = ["recall_top1_correct_image", "recall_top5_correct_image"]
+    assert list(ranked) == test_retrieval.metric_names(tirg) == names
+    # q0: its reference img0 ranked last, img2 outranks its target img3 (rank 1); q1 is never a hit
+    assert (ranked["recall_top1_correct_image"], ranked["recall_top5_correct_image"]) == (0.0, 0.5)
+    assert test_retrieval.task_metrics(tirg, queries, gallery, nonfinite="rank_last", ks=(3,)) == \
+        {"recall_top3_correct_image": 0.5}  # the caller's cut-offs
+    unknown = RetrievalTask(**{**cirr.__dict__, "protocol": "cirr_v9"})
+    for call in (lambda: test_retrieval.task_metrics(unknown, queries[:1].repeat(2, 1), gallery),
+                 lambda: test_retrieval.metric_names(unknown)):
+        with pytest.raises(ValueError, match="unknown retrieval protocol 'cirr_v9'"):
+            call()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the standard Fashion IQ protocol against ComposeAE's, on a hand-made case where they differ
 DRESSES = [f"d{i}" for i in range(12)]

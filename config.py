@@ -1,0 +1,2 @@
+from main import *  # noqa
+from main import _same, _flag
