@@ -1,37 +1,95 @@
-"""Checkpoints: atomic writes, reading this project's and the original code's files, and every process's random
-state, so that ``--resume`` continues exactly."""
+"""Checkpoints: atomic writes that fail with one line, reading and checking this project's and the original code's
+files, every process's random state, and restarting training from a checkpoint (``restart_from_checkpoint``), so
+that ``--resume`` continues exactly."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import logging
+import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import IO, Any, TypedDict
 
 import torch
 
 from errors import UserInputError
 from distributed import distributed_world
 
+logger = logging.getLogger("main")
 
-def atomic_write(path: str, write, mode: str = "wb") -> None:
-    """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``: readers
-    see the old file or the whole new one, never a torn one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # disk full, a write error, an interrupt: no temp file left, ``path`` untouched
+# The largest iteration, epoch or batch count a checkpoint may hold: seeding.py's stream tags assume epochs and
+# indices below 2**40, and TensorBoard's steps are int64.
+MAX_COUNT = 2 ** 40
+RESUME_KEYS = ("it", "epoch", "batch_in_epoch", "best", "optimizer", "scheduler", "rng")
+SCHEDULER_KEYS = ("last_epoch", "base_lrs")  # what every PyTorch LRScheduler computes its rates from
+# A CUDA (Philox) generator's state: an 8-byte seed and an 8-byte offset (PyTorch also reads a seed alone)
+CUDA_RNG_BYTES = (16, 8)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Writing
+class WriteFailed(OSError):
+    """A file could not be written (disk full, quota, read-only, I/O error): one line naming the file, the reason
+    and what to do; the earlier file of that name is intact and no temp file is left. main.py exits with 1."""
+
+
+class _KeepsWriteErrors:
+    """File ``f`` whose failing ``write`` keeps its OSError in ``error``: torch's zip writer reports the OSError
+    of a full disk as a RuntimeError ('unexpected pos ...') without its errno."""
+
+    def __init__(self, f: IO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
         try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def write_failed(what: str, exc: OSError, advice: str) -> WriteFailed:
+    """The one line of a failed write: ``cannot write <what>: <reason>; <advice>``."""
+    reason = "no space left on device" if exc.errno == errno.ENOSPC else str(exc.strerror or exc)
+    return WriteFailed(f"cannot write {what}: {reason[:1].lower()}{reason[1:]}; {advice}")
+
+
+def atomic_write(path: str, write: Callable[[IO], Any], mode: str = "wb",
+                 advice: str = "the file there is unchanged") -> None:
+    """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``: readers
+    see the old file or the whole new one, never a torn one.
+
+    Any failure removes the temp file and leaves ``path`` untouched. A failed write (an OSError, or torch's
+    writer's RuntimeError over one) raises ``WriteFailed`` naming ``path``, the reason and ``advice``.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    f = None
+    try:
+        with open(tmp, mode) as raw:
+            f = _KeepsWriteErrors(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:  # disk full, a write error, an interrupt: no temp file left, ``path`` untouched
+        with contextlib.suppress(OSError):
             os.remove(tmp)
-        except OSError:
-            pass
-        raise
+        cause = exc if isinstance(exc, OSError) else None
+        if isinstance(exc, RuntimeError) and f is not None:
+            cause = f.error  # torch's writer over a failed write
+        if cause is None or isinstance(exc, WriteFailed):
+            raise
+        raise write_failed(path, cause, advice) from None
 
 
-class WriteFailed(RuntimeError):
-    """A run file (checkpoint, metrics.json) could not be written; the earlier file of that name is intact."""
+def save_checkpoint(path: str, state: dict, advice: str = "the file there is unchanged") -> None:
+    """``state`` written atomically to ``path`` (``atomic_write``: a failed write raises ``WriteFailed``)."""
+    atomic_write(path, lambda f: torch.save(state, f), advice=advice)
 
 
 def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:
@@ -53,13 +111,8 @@ def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer |
     return [name for (name, _), ok in zip(named, flags.tolist()) if not ok]
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-RESUME_KEYS = ("it", "epoch", "batch_in_epoch", "best", "optimizer", "scheduler", "rng")
-
-
+# ------------------------------------------------------------------------------------------------------------------
+# Reading and checking
 def is_original_checkpoint(ckpt: dict) -> bool:
     """An original-code checkpoint: {'it', 'opt', 'model_state_dict'} and no optimizer state."""
     return "optimizer" not in ckpt and "format" not in ckpt
@@ -67,10 +120,10 @@ def is_original_checkpoint(ckpt: dict) -> bool:
 
 def read_checkpoint(path: str, resume: bool = False) -> dict:
     """Reads this project's checkpoints and the original code's ({'it', 'opt', 'model_state_dict'}), and checks
-    their keys and types once, here: ``model_state_dict`` a mapping of names to tensors, and with ``resume``
-    the training state (``RESUME_KEYS``). An original-code checkpoint has no optimizer, schedule or random state,
+    their keys and types once, here (``_check_checkpoint``): a tampered or foreign field is a UserInputError that
+    names the checkpoint and the field. An original-code checkpoint has no optimizer, schedule or random state,
     so ``resume`` refuses it (continuing it would not be the same run, and would write over files in its folder);
-    ``--test_only`` evaluates it.
+    ``--test_only`` evaluates it. ``restart_from_checkpoint`` then checks the training state against the model.
 
     The original pickled an argparse.Namespace as 'opt'; PyTorch's safe loader refuses unknown classes, so exactly
     that one class is allowed (safety stays on).
@@ -90,10 +143,19 @@ def read_checkpoint(path: str, resume: bool = False) -> dict:
     return ckpt
 
 
-def _check_checkpoint(path: str, ckpt: dict, resume: bool) -> None:
-    def bad(what: str) -> UserInputError:
-        return UserInputError(f"checkpoint {path}: {what}; pass a checkpoint written by main.py")
+def _refusal(path: str, advice: str = "pass a checkpoint written by main.py") -> Callable[[str], UserInputError]:
+    """``what -> UserInputError('checkpoint <path>: <what>; <advice>')``."""
+    return lambda what: UserInputError(f"checkpoint {path}: {what}; {advice}")
 
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def _check_checkpoint(path: str, ckpt: dict, resume: bool) -> None:
+    """The checks of ``read_checkpoint``: what evaluation reads (weights, vocabulary, iteration), and with
+    ``resume`` the training state (``_check_training_state``)."""
+    bad = _refusal(path)
     sd = ckpt["model_state_dict"]
     if not isinstance(sd, Mapping) or not sd:
         raise bad(f"'model_state_dict' is a {type(sd).__name__}{' (empty)' if isinstance(sd, Mapping) else ''}, "
@@ -101,8 +163,17 @@ def _check_checkpoint(path: str, ckpt: dict, resume: bool) -> None:
     wrong = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if wrong:
         raise bad(f"'model_state_dict' holds {len(wrong)} entries that are not tensors, e.g. {wrong[0]!r}")
-    if "it" in ckpt and (isinstance(ckpt["it"], bool) or not isinstance(ckpt["it"], int) or ckpt["it"] < 0):
-        raise bad(f"'it' is {ckpt['it']!r}, not an iteration count")
+    if "it" in ckpt and not _is_count(ckpt["it"]):
+        raise bad(f"'it' is {ckpt['it']!r}, not an iteration count (0 to 2**40)")
+    vocab = ckpt.get("vocab")
+    if vocab is not None:
+        if not isinstance(vocab, Mapping) or not vocab or not all(isinstance(w, str) for w in vocab):
+            raise bad(f"'vocab' is a {type(vocab).__name__}{' (empty)' if isinstance(vocab, Mapping) else ''}, not "
+                      f"the LSTM's mapping of words to ids (or None)")
+        odd = [(w, i) for w, i in vocab.items() if not (_is_count(i) and i < len(vocab))]
+        if odd or len(set(vocab.values())) != len(vocab):
+            raise bad(f"'vocab' does not number its {len(vocab)} words 0..{len(vocab) - 1} once each"
+                      f"{f' (e.g. {odd[0][0]!r}: {odd[0][1]!r})' if odd else ''}")
     if not resume:
         return
     if is_original_checkpoint(ckpt):
@@ -117,24 +188,89 @@ def _check_checkpoint(path: str, ckpt: dict, resume: bool) -> None:
     if missing:
         raise bad(f"--resume needs its training state, but {', '.join(repr(k) for k in missing)} "
                   f"{'is' if len(missing) == 1 else 'are'} missing")
-    for key in ("it", "epoch", "batch_in_epoch"):
-        if isinstance(ckpt[key], bool) or not isinstance(ckpt[key], int) or ckpt[key] < 0:
-            raise bad(f"{key!r} is {ckpt[key]!r}, not a count")
-    if not isinstance(ckpt["best"], (int, float)):
-        raise bad(f"'best' is {ckpt['best']!r}, not a number")
+    _check_training_state(ckpt, bad)
+
+
+def _check_training_state(ckpt: dict, bad: Callable[[str], UserInputError]) -> None:
+    """Counts, best score, optimizer, schedule and random states of a checkpoint to resume, on their own (against
+    the model: ``_check_fits``)."""
+    for key in ("epoch", "batch_in_epoch"):
+        if not _is_count(ckpt[key]):
+            raise bad(f"{key!r} is {ckpt[key]!r}, not a count (0 to 2**40)")
+    best = ckpt["best"]
+    if not isinstance(best, float) or math.isnan(best) or best == math.inf:
+        raise bad(f"'best' is {best!r}, not a selection score (a finite float, or -inf before the first evaluation)")
     for key in ("optimizer", "scheduler"):
         if not isinstance(ckpt[key], Mapping):
             raise bad(f"{key!r} is a {type(ckpt[key]).__name__}, not a state dict")
     opt = ckpt["optimizer"]
     if not isinstance(opt.get("state"), Mapping) or not isinstance(opt.get("param_groups"), list):
         raise bad("'optimizer' lacks 'state' / 'param_groups'")
-    rngs = ckpt["rng"]
+    listed: set[int] = set()
+    for i, group in enumerate(opt["param_groups"]):
+        params = group.get("params") if isinstance(group, Mapping) else None
+        if not isinstance(params, list) or not all(_is_count(p) for p in params):
+            raise bad(f"'optimizer' param_groups[{i}] has no list of parameter indices 'params'")
+        if listed & set(params) or len(set(params)) != len(params):
+            raise bad("'optimizer' param_groups list a parameter twice")
+        listed |= set(params)
+    for index, state in opt["state"].items():
+        if index not in listed:
+            raise bad(f"'optimizer' state holds parameter {index!r}, which no parameter group lists (a group is "
+                      f"missing)")
+        if not isinstance(state, Mapping):
+            raise bad(f"'optimizer' state of parameter {index} is a {type(state).__name__}, not a mapping")
+    sched = ckpt["scheduler"]
+    missing = [k for k in SCHEDULER_KEYS if k not in sched]
+    if missing:
+        raise bad(f"'scheduler' lacks {', '.join(repr(k) for k in missing)}")
+    if not _is_count(sched["last_epoch"]):
+        raise bad(f"'scheduler' 'last_epoch' is {sched['last_epoch']!r}, not a step count (0 to 2**40)")
+    base = sched["base_lrs"]
+    if not isinstance(base, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) for x in base):
+        raise bad(f"'scheduler' 'base_lrs' is {base!r}, not a list of learning rates")
+    if not all(fn is None or isinstance(fn, Mapping) for fn in sched.get("lr_lambdas", [])):
+        raise bad("'scheduler' 'lr_lambdas' holds entries that are neither None nor a state dict")
+    _check_rng_states(ckpt["rng"], bad)
+
+
+def _byte_state_problem(t, sizes: tuple[int, ...] = ()) -> str | None:
+    """Why ``t`` is not a generator state (a 1-D uint8 tensor, of one of ``sizes`` bytes when given); None when
+    it is."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        shown = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)[:40]
+        return f"is {shown}, not a uint8 generator state"
+    if sizes and t.numel() not in sizes:
+        return f"holds {t.numel()} bytes, not the {sizes[0]} of this generator"
+    return None
+
+
+def _check_rng_states(rngs, bad: Callable[[str], UserInputError]) -> None:
+    """One state per process: the torch CPU generator's ('torch'), the CUDA generators' ('cuda', a list), the
+    soft-triplet sampler's ('loss'); numpy and Python states are not held (nothing here draws from them)."""
     rngs = rngs if isinstance(rngs, list) else [rngs]
-    if not rngs or not all(isinstance(r, Mapping) and isinstance(r.get("torch"), torch.Tensor)
-                           and r["torch"].dtype == torch.uint8 for r in rngs):
-        raise bad("'rng' is not a list of random states (a uint8 'torch' state each)")
+    if not rngs:
+        raise bad("'rng' is an empty list, not one random state per process")
+    cpu_bytes = torch.get_rng_state().numel()
+    for i, state in enumerate(rngs):
+        if not isinstance(state, Mapping):
+            raise bad(f"'rng'[{i}] is a {type(state).__name__}, not a random state")
+        problem = _byte_state_problem(state.get("torch"), (cpu_bytes,))
+        if problem:
+            raise bad(f"'rng'[{i}]['torch'] {problem}")
+        cuda = state.get("cuda", [])
+        if not isinstance(cuda, list):
+            raise bad(f"'rng'[{i}]['cuda'] is a {type(cuda).__name__}, not a list of CUDA generator states")
+        for d, t in enumerate(cuda):
+            if problem := _byte_state_problem(t, CUDA_RNG_BYTES):
+                raise bad(f"'rng'[{i}]['cuda'][{d}] {problem}")
+        if "loss" in state and (problem := _byte_state_problem(state["loss"])):
+            raise bad(f"'rng'[{i}]['loss'] {problem}")
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The training state: saved, and restarted from
 def rng_state(model) -> dict:
     """This process's random state: torch CPU and CUDA generators and the soft-triplet sampler's generator."""
     state = {"torch": torch.get_rng_state()}
@@ -145,10 +281,15 @@ def rng_state(model) -> dict:
     return state
 
 
+def _own_rng_state(states) -> Mapping:
+    """This process's entry of a checkpoint's 'rng' (one state per process, in rank order)."""
+    rank, _ = distributed_world()
+    return states[min(rank, len(states) - 1)] if isinstance(states, list) else states
+
+
 def set_rng_state(model, states) -> None:
     """Restores ``rng_state`` of this process (checkpoints hold one state per process, in rank order)."""
-    rank, _ = distributed_world()
-    state = states[min(rank, len(states) - 1)] if isinstance(states, list) else states
+    state = _own_rng_state(states)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -171,8 +312,89 @@ def checkpoint_state(args, model, optimizer, scheduler, it: int, epoch: int, bat
             "format": "composeae-repro/1"}
 
 
-
 def evaluation_state(state: dict) -> dict:
     """What evaluation needs of a full ``checkpoint_state``: the weights, args, vocabulary and step, without the
     optimizer, schedule and random states (best_checkpoint.pth; --resume needs a latest_checkpoint.pth)."""
     return {k: v for k, v in state.items() if k not in ("optimizer", "scheduler", "rng")}
+
+
+class ResumeState(TypedDict):
+    """Where a resumed run continues: the iterations done, the epoch and the batch within it, and the best
+    selection score so far (-inf before the first evaluation)."""
+
+    it: int
+    epoch: int
+    batch_in_epoch: int
+    best: float
+
+
+def restart_from_checkpoint(ckpt: dict, source: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                            scheduler, num_iters: int | None = None) -> ResumeState:
+    """Restores the training state of checkpoint ``source`` (``ckpt``, as ``read_checkpoint(source, resume=True)``
+    read and checked it) into ``optimizer``, ``scheduler`` and this process's random generators, after checking
+    that it fits them (``_check_fits``: parameter groups, state shapes, schedule, generator sizes); returns where
+    training continues. As DINO's ``restart_from_checkpoint``, in one place for every resumed object.
+
+    The model's weights are not loaded here: ``factory.build_experiment`` builds the model with them (from the
+    same ``ckpt``), before the optimizer is restored. Non-finite weights or optimizer state are refused; a
+    checkpoint at or past ``num_iters`` is warned about (it trains nothing more).
+    """
+    _check_fits(ckpt, source, model, optimizer, scheduler)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(model, ckpt["rng"])
+    bad = nonfinite_tensors(model, optimizer)
+    if bad:
+        raise UserInputError(f"--resume {source}: {len(bad)} of its tensors are not finite (e.g. {bad[0]}); resume "
+                             f"from an earlier checkpoint")
+    if num_iters is not None and ckpt["it"] >= num_iters:
+        logger.warning("--resume %s is at iteration %d already: --num_iters %d trains nothing more",
+                       source, ckpt["it"], num_iters)
+    return ResumeState(it=ckpt["it"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"], best=ckpt["best"])
+
+
+def _kind(value) -> str:
+    """The kind of an optimizer hyperparameter: 'a number', 'True or False' or 'None'."""
+    if value is None or isinstance(value, bool):
+        return "True, False or None"
+    return "a number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _check_fits(ckpt: dict, source: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler) -> None:
+    """The checkpoint's training state against the objects it is restored into: the same parameter groups with
+    hyperparameters of the same kind, state tensors of their parameters' shapes, every schedule key, and this
+    process's generator states of this device's sizes."""
+    bad = _refusal(source, "resume from a latest_checkpoint.pth of this model written by main.py")
+    saved_groups, groups = ckpt["optimizer"]["param_groups"], optimizer.param_groups
+    sizes, expected = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in groups]
+    if sizes != expected:
+        raise bad(f"'optimizer' has {len(sizes)} parameter groups of {sizes} parameters, the model's optimizer "
+                  f"{len(expected)} of {expected}")
+    names = {id(p): name for name, p in model.named_parameters()}
+    params = {}  # the saved index -> the parameter it is restored into (as Optimizer.load_state_dict maps them)
+    for i, (saved, group) in enumerate(zip(saved_groups, groups)):
+        params.update(zip(saved["params"], group["params"]))
+        for key, value in saved.items():
+            if key != "params" and key in group and _kind(value) != _kind(group[key]):
+                raise bad(f"'optimizer' param_groups[{i}][{key!r}] is {value!r}, not {_kind(group[key])}")
+    for index, state in ckpt["optimizer"]["state"].items():
+        p = params[index]
+        for key, t in state.items():  # 0-d tensors are counters (Adam's 'step'), the others per-weight buffers
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape != p.shape:
+                raise bad(f"'optimizer' state {key!r} of parameter {index} ({names.get(id(p), '?')}) has shape "
+                          f"{tuple(t.shape)}, the parameter {tuple(p.shape)}")
+    live = scheduler.state_dict()
+    missing = [k for k in live if not k.startswith("_") and k not in ckpt["scheduler"]]
+    if missing:
+        raise bad(f"'scheduler' lacks {', '.join(repr(k) for k in missing)}")
+    for key, value in live.items():  # one entry per parameter group: base_lrs, lr_lambdas
+        saved = ckpt["scheduler"].get(key)
+        if isinstance(value, list) and len(value) == len(groups) and not (
+                isinstance(saved, list) and len(saved) == len(groups)):
+            raise bad(f"'scheduler' {key!r} is {saved!r}, not one entry per parameter group ({len(groups)})")
+    state = _own_rng_state(ckpt["rng"])
+    if "loss" in state and model.loss_generator is not None:
+        problem = _byte_state_problem(state["loss"], (model.loss_generator.get_state().numel(),))
+        if problem:
+            raise bad(f"'rng' 'loss' {problem} (the soft-triplet sampler's, on {model.loss_generator.device})")

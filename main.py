@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 import img_text_composition_models as models
-from checkpoint import WriteFailed, read_checkpoint, set_rng_state
+from checkpoint import WriteFailed, read_checkpoint, restart_from_checkpoint
 from datasets import DATASET_NAMES, FASHION_IQ_PROTOCOLS, SELECT_ON
 from distributed import init_distributed
 from factory import build_experiment, run_info
@@ -421,12 +421,8 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
     # a bad --best_metric stops here, before any step
     score_name = best_metric_name(names, args.best_metric, args.select_on) if not args.test_only else ""
     if ckpt is not None and not args.test_only:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(model, ckpt["rng"])
-        if ckpt["it"] >= args.num_iters:
-            logger.warning("--resume %s is at iteration %d already: --num_iters %d trains nothing more",
-                           args.resume, ckpt["it"], args.num_iters)
+        ckpt = restart_from_checkpoint(ckpt, source, model=model, optimizer=optimizer, scheduler=scheduler,
+                                       num_iters=args.num_iters)  # from here on: the ResumeState train continues
 
     folder, created = "", False
     if args.resume:

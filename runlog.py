@@ -17,13 +17,14 @@ import sys
 from datetime import datetime
 from typing import Callable
 
-from checkpoint import atomic_write, save_checkpoint
+from checkpoint import WriteFailed, atomic_write, save_checkpoint, write_failed
 from errors import UserInputError
 
 logger = logging.getLogger("main")
 LOCK_NAME = "run.lock"
 _TEMP_SUFFIX = re.compile(r"\.tmp-?(\d+)$")  # atomic_write's <name>.tmp<pid>, the image cache's <name>.tmp-<pid>
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+NEW_RUN_ADVICE = "free space or pass --log_dir on another disk"  # what a failed write in a run folder advises
 SUMMARY_KS = (1, 5, 10, 50)  # the summary table's recall cut-offs
 _METRIC = re.compile(r"^(\w+) recall_top(\d+)_correct_(\w+)$")  # '<split> recall_top<k>_correct_<view>'
 _out_logs: list[logging.FileHandler] = []  # the out.log of every open run
@@ -62,10 +63,11 @@ def strict_json(value):
     return value
 
 
-def write_json(path: str, data) -> None:
-    """Strict JSON (no NaN / Infinity tokens), written atomically."""
+def write_json(path: str, data, advice: str = "the file there is unchanged") -> None:
+    """Strict JSON (no NaN / Infinity tokens), written atomically (a failed write: ``WriteFailed`` with
+    ``advice``)."""
     text = json.dumps(strict_json(data), indent=2, allow_nan=False)
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write(path, lambda f: f.write(text), mode="w", advice=advice)
 
 
 def pid_alive(pid: int) -> bool:
@@ -106,10 +108,11 @@ class RunLock:
     """``<run folder>/run.lock`` holding ``<host> <pid>``: one process at a time trains in a run folder.
 
     A lock whose process has ended (same host, dead pid, or an unreadable lock file) is stale and taken over; a
-    live one refuses the second process with a UserInputError. ``release`` removes the lock file if it is ours.
+    live one refuses the second process with a UserInputError. A lock that cannot be written (a full disk) is
+    removed and raises ``WriteFailed`` with ``advice``. ``release`` removes the lock file if it is ours.
     """
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, advice: str = NEW_RUN_ADVICE):
         self.path = os.path.join(folder, LOCK_NAME)
         self.held = False
         me = f"{socket.gethostname()} {os.getpid()}\n"
@@ -124,8 +127,13 @@ class RunLock:
             except OSError as exc:
                 raise UserInputError(f"cannot write into the run folder {folder} ({exc.strerror or exc}); make "
                                      f"it writable or pass another --log_dir / --resume") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(me)
+            except OSError as exc:  # a full disk: the file exists, its line could not be written
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+                raise write_failed(self.path, exc, advice) from None
             self.held = True
             return
         raise UserInputError(f"cannot take the lock {self.path}; retry")
@@ -183,6 +191,8 @@ def echo(line: str) -> None:
         try:
             handler.stream.write(line + "\n")
             handler.flush()
+        except OSError as exc:
+            raise write_failed(handler.baseFilename, exc, NEW_RUN_ADVICE) from None
         finally:
             handler.release()
 
@@ -262,8 +272,11 @@ class Run:
     """What a run writes into its folder: args.json, out.log, TensorBoard events, metrics.json and checkpoints.
 
     ``score``: metrics -> the number that picks the best evaluation, named ``score_name``. ``created``: the folder
-    is new, so a run that fails before its first step (``started`` still False) removes it (``abort``). Only the
-    process of rank 0 writes (``enabled``); the others keep the same interface and write nothing.
+    is new, so a run that fails before its first step (``started`` still False) removes it (``abort``), as does a
+    failure while the folder is set up (a full disk, a lock in use). Only the process of rank 0 writes
+    (``enabled``); the others keep the same interface and write nothing. A failed write raises ``WriteFailed``
+    naming the file and ``last_checkpoint``: the newest checkpoint to resume from (``save`` of a resumable one, or
+    ``--resume``'s).
     """
 
     def __init__(self, args, folder: str, enabled: bool = True, *, device=None, metric_names: tuple = (),
@@ -276,16 +289,26 @@ class Run:
         self.started = False
         self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
         self.lock: RunLock | None = None
+        self.last_checkpoint: str | None = getattr(args, "resume", "") or None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        try:
+            self._open(device, metric_names, early)
+        except BaseException:
+            self.abort()
+            raise
 
+    def _open(self, device, metric_names: tuple, early: LogBuffer | None) -> None:
+        """Sets up the folder: the lock, out.log (with ``early``'s records), the history, args.json, TensorBoard."""
+        from torch.utils.tensorboard import SummaryWriter  # ~0.2 s: imported by the runs that write, only
+
+        args, folder = self.args, self.folder
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as exc:
             raise UserInputError(f"cannot create the run folder {folder} ({exc.strerror or exc}); pass another "
                                  f"--log_dir") from None
-        self.lock = RunLock(folder)  # a second process training in this folder is refused here
+        self.lock = RunLock(folder, self.write_advice())  # a second process training in this folder is refused here
         remove_stale_temp_files(folder)
         self.out_log = logging.FileHandler(os.path.join(folder, "out.log"), encoding="utf-8")
         self.out_log.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -301,18 +324,40 @@ class Run:
         self.record = {"args": {k: v for k, v in vars(args).items()}, "git_commit": git_commit(),
                        "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
                        "device_name": _device_name(device), "host": socket.gethostname(), "command": sys.argv}
-        write_json(os.path.join(folder, "args.json"), self.record)
-        self.writer = SummaryWriter(folder)
-        self.writer.add_text("args", args_table(self.record))
-        self.writer.add_custom_scalars(custom_layout(metric_names))
+        write_json(os.path.join(folder, "args.json"), self.record, self.write_advice())
+        with self._writing(f"the TensorBoard events in {folder}"):
+            self.writer = SummaryWriter(folder)
+            self.writer.add_text("args", args_table(self.record))
+            self.writer.add_custom_scalars(custom_layout(metric_names))
+
+    def write_advice(self) -> str:
+        """What the line of a failed write in this run advises: free space (a new run: or another --log_dir), and,
+        once training has started or when resuming, which checkpoint is intact to resume from."""
+        where = "free space" if getattr(self.args, "resume", "") else NEW_RUN_ADVICE
+        if self.last_checkpoint:
+            return f"{where}; the last checkpoint {self.last_checkpoint} is intact"
+        if self.started and not getattr(self.args, "test_only", False):
+            return f"{where}; no checkpoint was written yet"
+        return where
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A failed write (an OSError) in the block raises ``WriteFailed`` naming ``what``."""
+        try:
+            yield
+        except WriteFailed:
+            raise
+        except OSError as exc:
+            raise write_failed(what, exc, self.write_advice()) from None
 
     # -- TensorBoard tags: loss/<term>, lr, <split>/<metric>
     def scalars(self, values: dict[str, float], it: int) -> None:
         """The training scalars: every loss term (under the original's names) and 'learning_rate'."""
         if not self.enabled:
             return
-        for name, value in values.items():
-            self.writer.add_scalar("lr" if name == "learning_rate" else f"loss/{name}", value, it)
+        with self._writing(f"the TensorBoard events in {self.folder}"):
+            for name, value in values.items():
+                self.writer.add_scalar("lr" if name == "learning_rate" else f"loss/{name}", value, it)
 
     def _update_best(self, entry: dict) -> None:
         if self.score is None:
@@ -328,13 +373,14 @@ class Run:
         self._update_best(self.history[-1])
         if not self.enabled:
             return
-        for name, value in metrics.items():
-            split, _, metric = name.partition(" ")
-            self.writer.add_scalar(f"{split}/{metric}", value, it)
+        with self._writing(f"the TensorBoard events in {self.folder}"):
+            for name, value in metrics.items():
+                split, _, metric = name.partition(" ")
+                self.writer.add_scalar(f"{split}/{metric}", value, it)
         data = {**self.info, "latest": self.history[-1], "history": self.history}
         if self.best is not None:
             data["best"] = self.best
-        write_json(os.path.join(self.folder, "metrics.json"), data)
+        write_json(os.path.join(self.folder, "metrics.json"), data, self.write_advice())
         for line in summary_table(metrics, it, self.best):
             echo(line)
 
@@ -345,15 +391,21 @@ class Run:
             return
         import numpy as np
 
-        self.writer.add_image(tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
+        with self._writing(f"the TensorBoard events in {self.folder}"):
+            self.writer.add_image(tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
         if file_name:
-            atomic_write(os.path.join(self.folder, file_name), lambda f: picture.save(f, format="PNG"))
+            atomic_write(os.path.join(self.folder, file_name), lambda f: picture.save(f, format="PNG"),
+                         advice=self.write_advice())
 
-    def save(self, name: str, state_fn) -> None:
-        """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn)."""
+    def save(self, name: str, state_fn: Callable[[], dict], resumable: bool = True) -> None:
+        """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn); a
+        ``resumable`` one (a full training state) becomes ``last_checkpoint``."""
+        path = os.path.join(self.folder, name)
         state = state_fn()
         if self.enabled:
-            save_checkpoint(os.path.join(self.folder, name), state)
+            save_checkpoint(path, state, self.write_advice())
+        if resumable:
+            self.last_checkpoint = path
 
     def release(self) -> None:
         """Removes this run's lock file (also done by ``close`` and ``abort``)."""
@@ -386,26 +438,33 @@ class Run:
 
     def abort(self, error: str = "") -> None:
         """A failed run: ``error`` (the line main.py prints) ends its out.log; a run that failed before its first
-        step has its new folder removed (a resumed run's is kept)."""
+        step has its new folder removed (a resumed run's is kept). A write error while closing its files (a full
+        disk) is not raised: the run's own error is the one to report."""
         if not self.enabled:
             return
         if error and getattr(self, "out_log", None) is not None:
-            self.out_log.stream.write(error + "\n")
-        self._release()
+            with contextlib.suppress(OSError):
+                self.out_log.stream.write(error + "\n")
+        self._release(failed=True)
         self.release()
         if self.created and not self.started:
             shutil.rmtree(self.folder, ignore_errors=True)
 
-    def _release(self) -> None:
+    def _release(self, failed: bool = False) -> None:
+        """Closes the TensorBoard writer and out.log (flushing both); a write error raises ``WriteFailed``, unless
+        the run has ``failed`` already."""
+        quiet = contextlib.suppress(OSError) if failed else contextlib.nullcontext()
         if getattr(self, "writer", None) is not None:
-            self.writer.close()
-            self.writer = None
+            writer, self.writer = self.writer, None
+            with quiet, self._writing(f"the TensorBoard events in {self.folder}"):
+                writer.close()
         if getattr(self, "out_log", None) is not None:
-            logging.getLogger().removeHandler(self.out_log)
-            if self.out_log in _out_logs:
-                _out_logs.remove(self.out_log)
-            self.out_log.close()
-            self.out_log = None
+            out_log, self.out_log = self.out_log, None
+            logging.getLogger().removeHandler(out_log)
+            if out_log in _out_logs:
+                _out_logs.remove(out_log)
+            with quiet, self._writing(out_log.baseFilename):
+                out_log.close()
 
 
 def _torch_version() -> str:

@@ -1,7 +1,7 @@
 """The fast settings change speed, not results: image cache, bf16 autocast, channels_last; and benchmark.py runs.
 
 Every check goes through the code paths that main.py and benchmark.py use (build_datasets, EpochBatchSampler,
-collate_train in a DataLoader, factory.create_model_and_optimizer, training.train_one_step). No timings are asserted.
+collate_train in a DataLoader, factory.create_model_and_optimizer, sgd_step.train_one_step). No timings are asserted.
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import image_cache
 import synthetic as synthetic_data
 import main
 import factory
-import training
+import sgd_step
+from cuda_graph import CudaGraphStep
 
 S = 32  # image side
 
@@ -75,7 +76,7 @@ def test_cached_training_batches_equal_uncached(synthetic, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def _step(args, model, optimizer, scheduler, batch):
     torch.manual_seed(123)  # the same dropout masks in both runs
-    terms = training.train_one_step(model, batch, optimizer, scheduler, args, torch.device("cpu"))
+    terms = sgd_step.train_one_step(model, batch, optimizer, scheduler, args, torch.device("cpu"))
     grad = model.img_model.fc[0].weight.grad.detach().clone()
     return {k: float(v) for k, v in terms.items()}, grad
 
@@ -139,7 +140,7 @@ def test_channels_last_training_step_matches_contiguous(synthetic):
 def _graph_vs_plain(args, trainset, batches, warmup):
     """The same batches through train_one_step and through a CudaGraphStep, from the same weights and seeds."""
     results = []
-    for step_fn in (training.train_one_step, training.CudaGraphStep(warmup=warmup)):
+    for step_fn in (sgd_step.train_one_step, CudaGraphStep(warmup=warmup)):
         torch.manual_seed(0)
         model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
         model.loss_generator = torch.Generator().manual_seed(5)
@@ -186,7 +187,7 @@ def test_graph_step_static_inputs_hold_the_last_batch(synthetic, tiny_bert_32):
     batches[1] = {k: v[:6] for k, v in batches[1].items()}  # 6 of 8 items: two unreadable images dropped
     torch.manual_seed(0)
     model, optimizer, scheduler = factory.create_model_and_optimizer(args, trainset.get_all_texts())
-    step = training.CudaGraphStep(warmup=1)
+    step = CudaGraphStep(warmup=1)
     for i, b in enumerate(batches):
         step(model, b, optimizer, scheduler, args, torch.device("cpu"))
         assert step.captures == (1 if i >= 2 else 0), i
@@ -195,7 +196,7 @@ def test_graph_step_static_inputs_hold_the_last_batch(synthetic, tiny_bert_32):
     assert torch.equal(step.static["tgt"], batches[-1]["target_img"])
     assert torch.equal(step.static["text"], model.bert(batches[-1]["text"]))
     with pytest.raises(ValueError, match="warm-up"):
-        training.CudaGraphStep(warmup=0)  # SGD would create its momentum buffers inside the capture
+        CudaGraphStep(warmup=0)  # SGD would create its momentum buffers inside the capture
 
 
 def test_precomputed_text_features_need_a_frozen_encoder(synthetic):

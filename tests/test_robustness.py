@@ -27,10 +27,11 @@ import datasets
 import image_cache
 import main
 import runlog
+import selection
+import sgd_step
 import synthetic
 import test_retrieval
 import text_model
-import training
 from datasets import RetrievalTask
 from errors import UserInputError
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # test_main's CLI helpers; appended,
@@ -169,7 +170,7 @@ def test_diverging_learning_rate_leaves_only_finite_files(data, tmp_path, capsys
 
 def test_guard_stops_on_a_nonfinite_buffer_before_the_write(data, tmp_path, monkeypatch, capsys):
     """A finite loss but an infinite BatchNorm buffer after step 3: the checkpoint of step 2 stays and is named."""
-    real, calls = training.train_one_step, {"n": 0}
+    real, calls = sgd_step.train_one_step, {"n": 0}
 
     def poisoned(model, *a, **kw):
         out = real(model, *a, **kw)
@@ -178,7 +179,7 @@ def test_guard_stops_on_a_nonfinite_buffer_before_the_write(data, tmp_path, monk
             next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)).running_var.fill_(math.inf)
         return out
 
-    monkeypatch.setattr(training, "train_one_step", poisoned)
+    monkeypatch.setattr(sgd_step, "train_one_step", poisoned)
     rc = main.main(tirg(data, tmp_path, "--num_iters", "5", "--save_every", "1"))
     line = error_message(capsys.readouterr().err)
     assert rc == 1
@@ -192,8 +193,8 @@ def test_metrics_json_is_strict(tmp_path):
     path = str(tmp_path / "m.json")
     runlog.write_json(path, {"latest": {"a": math.nan, "b": 0.5, "c": [math.inf, 1]}})
     assert strict_json(path) == {"latest": {"a": None, "b": 0.5, "c": [None, 1]}}
-    assert training.best_score({"test recall_top10_correct_dress": math.nan,
-                                "test recall_top10_correct_shirt": 0.25}, "auto") == 0.25
+    assert selection.best_score({"test recall_top10_correct_dress": math.nan,
+                                 "test recall_top10_correct_shirt": 0.25}, "auto") == 0.25
 
 
 def test_resuming_nonfinite_weights_is_refused(two_step_run, data, tmp_path, capsys):
@@ -249,7 +250,7 @@ def test_sigint_and_sigterm_save_and_the_printed_command_resumes(data, tmp_path)
 
 
 def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path, monkeypatch, capsys):
-    real, calls = training.train_one_step, {"n": 0}
+    real, calls = sgd_step.train_one_step, {"n": 0}
 
     def step(*a, **kw):
         calls["n"] += 1
@@ -257,7 +258,7 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
             os.kill(os.getpid(), signal.SIGUSR1)  # arrives during step 2: training stops after it
         return real(*a, **kw)
 
-    monkeypatch.setattr(training, "train_one_step", step)
+    monkeypatch.setattr(sgd_step, "train_one_step", step)
     argv = tirg(data, tmp_path, "--num_iters", "50", "--save_every", "100")
     rc = main.main(argv)
     err = capsys.readouterr().err
@@ -271,14 +272,14 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
 
 
 def test_a_second_signal_stops_at_once_without_writing(two_step_run, data, tmp_path, monkeypatch, capsys):
-    real = training.train_one_step
+    real = sgd_step.train_one_step
 
     def step(*a, **kw):
         os.kill(os.getpid(), signal.SIGTERM)  # the first only sets the flag,
         os.kill(os.getpid(), signal.SIGTERM)  # the second stops here, inside the step
         return real(*a, **kw)
 
-    monkeypatch.setattr(training, "train_one_step", step)
+    monkeypatch.setattr(sgd_step, "train_one_step", step)
     rc = main.main(tirg(data, tmp_path, "--num_iters", "50", "--save_every", "1"))
     assert rc == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("main.py: interrupted; stopped without")
@@ -319,8 +320,8 @@ def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(data
     folder = only_run_folder(tmp_path)
     latest = os.path.join(folder, "latest_checkpoint.pth")
     assert rc == 1
-    assert line == (f"main.py: error: cannot write {latest} (No space left on device); the file there is unchanged. "
-                    f"The last good checkpoint is {latest}; free space and resume from it")
+    assert line == (f"main.py: error: cannot write {latest}: no space left on device; free space or pass --log_dir "
+                    f"on another disk; the last checkpoint {latest} is intact")
     assert load(latest)["it"] == 1 and leftovers(folder) == []
 
 
@@ -334,9 +335,8 @@ def test_a_write_error_in_the_events_names_them(data, tmp_path, monkeypatch, cap
     rc = main.main(tirg(data, tmp_path, "--num_iters", "3", "--log_every", "1", "--save_every", "100"))
     line = error_message(capsys.readouterr().err)
     assert rc == 1
-    assert line == (f"main.py: error: cannot write the TensorBoard events in {only_run_folder(tmp_path)} (No space "
-                    f"left on device); the file there is unchanged. No checkpoint was written yet; free space and "
-                    f"start again")
+    assert line == (f"main.py: error: cannot write the TensorBoard events in {only_run_folder(tmp_path)}: no space "
+                    f"left on device; free space or pass --log_dir on another disk; no checkpoint was written yet")
 
 
 def dead_pid() -> int:
@@ -447,7 +447,7 @@ def bad_files(tmp_path_factory, two_step_run) -> dict:
 def test_bad_flags_and_files_give_one_line_before_the_first_step(extra, words, data, tmp_path, bad_files, capsys,
                                                                  monkeypatch):
     started = []
-    monkeypatch.setattr(training, "train_one_step", lambda *a, **kw: started.append(1))
+    monkeypatch.setattr(sgd_step, "train_one_step", lambda *a, **kw: started.append(1))
     extra = [x.format(**bad_files) for x in extra]
     rc = main.main(tirg(data, tmp_path / "logs", "--num_iters", "2") + extra)
     out, err = capsys.readouterr()

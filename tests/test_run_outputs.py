@@ -153,12 +153,12 @@ def test_custom_layout_of_fashion_iq_charts_the_categories():
 # ------------------------------------------------------------------------------------------------------------------
 # A failed start leaves nothing behind
 def test_bad_best_metric_is_refused_before_the_first_step(tirg_lstm_run, run_main_cli, tmp_path, monkeypatch):
-    import training
+    import sgd_step
 
     def no_step(*a, **k):
         raise AssertionError("trained a step")
 
-    monkeypatch.setattr(training, "train_one_step", no_step)
+    monkeypatch.setattr(sgd_step, "train_one_step", no_step)
     rc, out, err = run_main_cli(["--dataset", "mitstates", "--dataset_path", tirg_lstm_run["data"],
                                  *tirg_lstm_run["flags"], "--num_iters", "2", "--best_metric",
                                  "recall_top1_correct_compositon", *execution_flags(tmp_path / "logs")])

@@ -1,0 +1,69 @@
+"""Stopping on a signal between two training steps: SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGUSR1 (SLURM's
+--signal=USR1@60) are recorded by ``interrupt_flag``; the training loop then saves and raises ``Interrupted``."""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+import torch
+
+INTERRUPT_SIGNALS: tuple[str, ...] = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal, between two steps; ``checkpoint`` is the file to resume from (None: none)."""
+
+    def __init__(self, signum: int, it: int, checkpoint: str | None, saved: bool):
+        self.signum, self.it, self.checkpoint, self.saved = signum, it, checkpoint, saved
+        super().__init__(f"{signal.Signals(signum).name} at iteration {it}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1)."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[dict[str, int]]:
+    """Installs handlers of ``INTERRUPT_SIGNALS`` that only record the signal (``flag['signum']``), so the loop can
+    stop between two steps; a second signal raises KeyboardInterrupt at once. The previous handlers come back on
+    exit. Outside the main thread (where Python cannot install handlers) nothing is installed."""
+    flag = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signum"]:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {}
+    for name in INTERRUPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def agree_on_signal(flag: dict[str, int], device: torch.device) -> int:
+    """With several processes: the signal any of them received (the largest number), recorded in every process's
+    ``flag``, so that all stop at the same step (saving is a collective). A collective: every process calls it."""
+    signum = torch.tensor([flag["signum"]], device=device)  # (1,)
+    torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+    flag["signum"] = int(signum)
+    return flag["signum"]
+
+
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM / SIGUSR1 to the main process, which saves and ends them."""
+    for name in INTERRUPT_SIGNALS:
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            signal.signal(sig, signal.SIG_IGN)
