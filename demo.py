@@ -88,11 +88,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
     g.add_argument("--bert_model", type=str, default=None,
                    help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
-    g.add_argument("--dataset_path", type=str, default=None,
-                   help="the checkpoint's training dataset; needed only for an original-code LSTM checkpoint")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda if available")
-    g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")
     g = p.add_argument_group("gallery")
     g.add_argument("--gallery", type=str, required=True, help="folder of the gallery images (searched recursively)")
     g.add_argument("--index", type=str, default="",
@@ -180,7 +178,7 @@ def _gallery_files(gallery: str) -> list[tuple[str, int, int]]:
 def build_state(args: argparse.Namespace) -> DemoState:
     """Checks the flags, loads the checkpoint's model as retrieve.py does and computes (or reuses, with
     ``--index``) the gallery's features."""
-    import factory  # imports main.py's command line: only once the flags are known to be sound
+    import factory  # about 6 s (the models, transformers): --help and a bad flag answer without it
 
     validate(args)
     if args.threads:
@@ -191,15 +189,7 @@ def build_state(args: argparse.Namespace) -> DemoState:
                              f"pass --gallery DIR holding the images")
     validate_checkpoint_settings(recorded_settings(read_checkpoint(args.model_checkpoint)), args.model_checkpoint)
     device = distributed.pick_device(args.device)
-    texts: Sequence[str] = ()
-    if args.dataset_path:
-        import main
-
-        margs = main.checkpoint_args(read_checkpoint(args.model_checkpoint))
-        margs.dataset_path = args.dataset_path
-        texts = factory.build_datasets(margs)[0].get_all_texts()
-    model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
-                                                    texts=texts)
+    model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model)
     image_size = int(margs.image_size)
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": image_size,
                 "model": str(margs.model)}
@@ -241,24 +231,22 @@ class Refused(Exception):
         self.message = message
 
 
-def resolve(state: DemoState, rel: Any) -> str:
+def resolve(state: DemoState, rel: Any, what: str = "image_path") -> str:
     """The full path of the gallery image ``rel`` (relative to the gallery, '/' separators); Refused (400) for a
     path that is absolute, holds a NUL byte or a '..' part, and (404) for one that is not a gallery image or whose
-    links now resolve outside the gallery."""
+    links now resolve outside the gallery. ``what`` names the path in the message."""
     if not isinstance(rel, str) or not rel:
-        raise Refused(400, "image_path is empty: pass the path of a gallery image, relative to the gallery")
+        raise Refused(400, f"{what} is empty: pass the path of a gallery image, relative to the gallery")
     if "\0" in rel:
-        raise Refused(400, "image_path holds a NUL byte: pass the path of a gallery image")
+        raise Refused(400, f"{what} holds a NUL byte: pass the path of a gallery image")
     parts = rel.replace("\\", "/").split("/")
     if rel.startswith(("/", "\\")) or os.path.isabs(rel) or (len(rel) > 1 and rel[1] == ":"):
-        raise Refused(400, "image_path is absolute: pass a path relative to the gallery")
+        raise Refused(400, f"{what} is absolute: pass a path relative to the gallery")
     if ".." in parts:
-        raise Refused(400, "image_path leaves the gallery ('..'): pass a path inside it")
-    if rel not in state.where:
-        raise Refused(404, "image_path is not an image of the gallery: pick one from the gallery")
+        raise Refused(400, f"{what} leaves the gallery ('..'): pass a path inside it")
     full = os.path.join(state.gallery, rel)
-    if not _inside(state.root, full):
-        raise Refused(404, "image_path is not an image of the gallery: pick one from the gallery")
+    if rel not in state.where or not _inside(state.root, full):
+        raise Refused(404, f"{what} is not an image of the gallery: pick one from the gallery")
     return full
 
 
@@ -355,7 +343,9 @@ def create_app(state: DemoState, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> "f
     def _http_error(exc):
         message = exc.description
         if exc.code == 413:
-            message = f"the request is larger than {max_upload_bytes // (1024 * 1024)} MB: send a smaller image"
+            message = f"the request is larger than {max_upload_bytes / 2 ** 20:g} MB: send a smaller image"
+        elif exc.code == 404:
+            message = "not found: this server has /, /gallery, /image/PATH (a gallery image) and POST /search"
         return flask.jsonify(error=message), exc.code
 
     @app.get("/")
@@ -370,7 +360,7 @@ def create_app(state: DemoState, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> "f
 
     @app.get("/image/<path:rel>")
     def image(rel: str):
-        full = resolve(state, rel)
+        full = resolve(state, rel, "the image path")
         mimetype = IMAGE_TYPES.get(os.path.splitext(rel)[1].lower(), "application/octet-stream")
         return flask.send_file(full, mimetype=mimetype, max_age=3600)
 

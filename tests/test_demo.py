@@ -21,6 +21,7 @@ flask = pytest.importorskip("flask", reason="the demo's extra is not installed (
 
 import demo  # noqa: E402  (needs flask)
 import retrieve  # noqa: E402
+from checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 
 QUERY = "images/blue clock/000.jpg"
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a folder '<script>alert(1)<' holding 'script>.png'
@@ -184,7 +185,8 @@ def test_absolute_path_of_a_gallery_file_is_refused(hostile):
                                  "/image/%2Fetc%2Fpasswd", "/image/images/a%00.png", "/image/images"])
 def test_image_path_leaving_the_gallery_is_refused(hostile, url):
     answer = hostile["client"].get(url)
-    assert answer.status_code in (400, 404) and answer.is_json and "error" in answer.get_json()
+    assert answer.status_code in (400, 404) and answer.is_json
+    assert any(words in answer.get_json()["error"] for words in ("the image path", "not found"))
     assert hostile["client"].get("/image/" + QUERY.replace(" ", "%20")).status_code == 200
 
 
@@ -303,6 +305,15 @@ def test_errors_are_one_line_exit_2(triplets_run, gallery, tmp_path):
         rc, err = call(*argv, "--port", str(free_port())) if "--port" not in argv else call(*argv)
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("demo.py: error: ") and words in lines[0], err
+
+
+def test_original_code_lstm_checkpoint_is_one_line_exit_2(triplets_run, gallery, tmp_path):
+    state = read_checkpoint(triplets_run["ckpt"])
+    path = str(tmp_path / "original.pth")
+    save_checkpoint(path, {"it": state["it"], "opt": state["opt"], "model_state_dict": state["model_state_dict"]})
+    rc, err = call("--model_checkpoint", path, "--gallery", gallery, "--device", "cpu", "--port", str(free_port()))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("demo.py: error: ") and "without a vocabulary" in err
 
 
 def test_port_in_use_is_one_line_exit_2(triplets_run, gallery):

@@ -102,6 +102,8 @@
 
   // ---- search ----
   function showTurn(turn, number) {
+    turns.forEach((t) => t.button && t.button.removeAttribute("aria-current"));
+    if (turn.button) turn.button.setAttribute("aria-current", "true");
     const shown = byId("query-shown");
     byId("query-img").src = turn.source.url;
     byId("query-img").alt = "Query: " + turn.source.name;
@@ -120,6 +122,7 @@
     const button = element("button", {type: "button", class: "turn", "aria-label": "Show turn " + label}, [
       element("img", {src: turn.source.url, alt: turn.source.name}),
       element("span", {text: label})]);
+    turn.button = button;
     button.addEventListener("click", () => showTurn(turn, number));
     trail.appendChild(element("li", {}, [button]));
     showTurn(turn, number);
