@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import datasets
 import main
 import test_retrieval
@@ -201,7 +202,7 @@ def test_css3d_trains_the_resnet_body_at_the_full_rate_as_tirg(css):
 
     for dataset, body_scale, extra in (("css3d", 1.0, []), ("mitstates", 0.1, []),
                                        ("css3d", 0.5, ["--resnet_lr_scale", "0.5"])):
-        args = main.resolve_defaults(main.get_args_parser().parse_args(
+        args = config.resolve_defaults(config.get_args_parser().parse_args(
             ["--dataset", dataset, "--dataset_path", css, "--image_weights", "none", "--model", "tirg",
              "--lstm_dim", "16", *extra]))
         _, optimizer, _ = factory.create_model_and_optimizer(args, ["make it blue"])
