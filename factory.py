@@ -11,10 +11,14 @@ from typing import Any, Sequence
 
 import torch
 
+import config
 import img_text_composition_models as models
 import text_model
+from checkpoint import read_checkpoint
 from errors import UserInputError
 from distributed import convert_to_global_batchnorm, distributed_world
+from retrieval_datasets.base import SplitOptions
+from retrieval_datasets.registry import build_splits as build_dataset_splits, dataset_spec
 
 logger = logging.getLogger("main")
 
@@ -64,10 +68,9 @@ def place_model(args, model, device: torch.device):
 
 def build_splits(args) -> dict:
     """``{'train', 'test'[, 'val']}`` datasets of ``--dataset`` under ``--dataset_path`` with the run's image
-    settings (a 'val' split with ``--select_on val``, see ``datasets.build_splits``)."""
-    import datasets
-
-    return datasets.build_splits(
+    settings (a 'val' split with ``--select_on val``): the build of its registry entry
+    (``retrieval_datasets.registry.build_splits``)."""
+    return build_dataset_splits(
         args.dataset, args.dataset_path, image_size=args.image_size, use_complete_text_query=args.use_complete_text_query,
         category=args.category_to_train, seed=args.seed, image_cache=args.image_cache or None,
         exclude_source_adj=args.exclude_source_adj, fashioniq_protocol=getattr(args, "fashioniq_protocol", "composeae"),
@@ -81,11 +84,13 @@ def build_datasets(args) -> tuple:
 
 
 def cirr_test1(args):
-    """CIRR's test1 split with the run's image settings (no public targets: for the server's files)."""
-    import datasets
-
-    return datasets.CIRR(args.dataset_path, "test1", image_size=args.image_size, seed=args.seed,
-                         image_cache=args.image_cache or None)
+    """CIRR's test1 split with the run's image settings (no public targets: for the server's files): the
+    ``submission`` split of the dataset's registry entry."""
+    spec = dataset_spec(args.dataset)
+    if spec.submission is None:
+        raise UserInputError(f"--submission_dir writes CIRR test1 predictions; --dataset is {args.dataset}")
+    return spec.submission(SplitOptions(args.dataset_path, image_size=args.image_size, seed=args.seed,
+                                        image_cache=args.image_cache or None))
 
 
 def build_tasks(args, trainset, testset, valset=None) -> dict:
@@ -106,10 +111,11 @@ COMPLETE_QUERY_TEXT = "complete (holds the target label)"
 def run_info(args) -> dict:
     """What metrics.json records beside the numbers, to say what they are comparable with; warns (once, at the
     start) when the query text holds the target's label."""
+    spec = dataset_spec(args.dataset)
     info = {"dataset": args.dataset, "select_on": getattr(args, "select_on", "test")}
-    if args.dataset == "fashionIQ":
+    if spec.records_fashioniq_protocol:
         info["fashioniq_protocol"] = getattr(args, "fashioniq_protocol", "composeae")
-    if args.use_complete_text_query and args.dataset in ("mitstates", "fashion200k"):
+    if args.use_complete_text_query and spec.complete_query_warning:
         logger.warning("--use_complete_text_query True: the query text holds the target's label (on %s the whole "
                        "target caption), so these recalls are not comparable with TIRG's protocol", args.dataset)
         info["query_text"] = COMPLETE_QUERY_TEXT
@@ -127,9 +133,7 @@ def load_weights(model, ckpt: dict, source: str) -> None:
     try:
         models.load_model_state(model, ckpt["model_state_dict"], source)
     except UserInputError as exc:
-        import main
-
-        saved = main.checkpoint_args(ckpt)
+        saved = config.checkpoint_args(ckpt)
         trained = " ".join(f"--{k} {getattr(saved, k)}" for k in MODEL_SHAPE_SETTINGS)
         raise UserInputError(f"{exc}; the checkpoint was trained with {trained}") from None
 
@@ -188,18 +192,15 @@ def build_experiment(args, device: torch.device, ckpt: dict | None = None, sourc
 def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,
                           texts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any, dict]:
     """``(model, args, ckpt)``: the model a checkpoint describes, built from the checkpoint's own settings
-    (``main.checkpoint_args``, as --test_only and --resume take them) by ``build_model``, with its weights, on
+    (``config.checkpoint_args``, as --test_only and --resume take them) by ``build_model``, with its weights, on
     ``device``, in eval mode.
 
     Every weight comes from the checkpoint, so no ImageNet weights are fetched, and BERT only for a BERT model:
     from the checkpoint's ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of
     the original code holds no vocabulary: ``texts`` (the training texts) rebuild it.
     """
-    import main
-    from checkpoint import read_checkpoint
-
     ckpt = read_checkpoint(path)
-    args = main.checkpoint_args(ckpt)
+    args = config.checkpoint_args(ckpt)
     if bert_model:
         args.bert_model = bert_model
     args.compile = False  # an evaluation tool: not worth torch.compile's warm-up

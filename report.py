@@ -15,21 +15,15 @@ import sys
 from typing import Sequence
 
 from errors import UserInputError, report_internal_error
+import config
 from reporting import plots
 from reporting.runs import RunRecord, group_runs, headline_metric, load_runs, split_metric, summarize
 from reporting.verdict import judge, text_encoder
 
 PROG = "report.py"
 # The args.json keys whose values split runs into groups: the settings that define a run (the ones a checkpoint
-# carries, main.py's RUN_SETTINGS) except the seed, so that a group's runs differ only by seed.
-GROUP_KEYS = (
-    "model", "use_bert", "bert_model", "image_embed_dim", "lstm_dim", "image_size", "use_complete_text_query",
-    "loss", "loss_weights", "triplet_grad_scale",
-    "dataset", "category_to_train", "exclude_source_adj",
-    "learning_rate", "resnet_lr_scale", "learning_rate_decay_frequency", "weight_decay", "batch_size",
-    "fuse_image_passes", "amp", "best_metric", "select_on", "val_nouns",
-    "fashioniq_protocol",
-)
+# carries) except the seed, so that a group's runs differ only by seed.
+GROUP_KEYS = tuple(name for name in config.RUN_SETTINGS if name != "seed")
 LABEL_KEYS = 3  # settings that tell groups apart, shown in a group's label
 
 

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
+import config
 import distributed
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
@@ -47,9 +48,8 @@ THUMB_RANGE = (16, 1024)  # --thumb, in pixels
 # ----------------------------------------------------------------------------------------------------------------
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from main import DefaultsFormatter, OneLineParser
-
-    p = OneLineParser(prog="retrieve.py", description=__doc__.split("\n\n")[0], formatter_class=DefaultsFormatter)
+    p = config.OneLineParser(prog="retrieve.py", description=__doc__.split("\n\n")[0],
+                             formatter_class=config.DefaultsFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
     g.add_argument("--bert_model", type=str, default=None,
@@ -439,9 +439,7 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
     if args.dataset_path:
-        import main
-
-        margs = main.checkpoint_args(read_checkpoint(args.model_checkpoint))
+        margs = config.checkpoint_args(read_checkpoint(args.model_checkpoint))
         margs.dataset_path = args.dataset_path
         texts = factory.build_datasets(margs)[0].get_all_texts()
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,

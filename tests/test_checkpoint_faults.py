@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import main
 import runlog
 import sgd_step
@@ -158,7 +159,7 @@ def test_restart_returns_the_state_train_continues_from(good, data, tmp_path):
     run stands; the weights are factory.build_experiment's to load."""
     import factory
 
-    args = main.resolve_defaults(main.parse_args(tirg(data, tmp_path))[0])
+    args = config.resolve_defaults(config.parse_args(tirg(data, tmp_path))[0])
     exp = factory.build_experiment(args, torch.device("cpu"), good, "x.pth")
     torch.manual_seed(123)  # the checkpoint's state replaces this one
     state = checkpoint.restart_from_checkpoint(good, "x.pth", model=exp.model, optimizer=exp.optimizer,

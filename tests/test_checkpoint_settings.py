@@ -1,5 +1,5 @@
 """A checkpoint carries its run: --test_only and --resume take the settings that define the model, the data and the
-training from it (main.take_checkpoint_settings), refuse (resume) or warn about (test_only) a given flag that
+training from it (config.take_checkpoint_settings), refuse (resume) or warn about (test_only) a given flag that
 differs, and read an original-code checkpoint's settings from its pickled ``opt`` Namespace."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import checkpoint
-import main
+import config
 from errors import UserInputError
 
 METRIC_LINE = re.compile(r"^     (train|test) recall_top\d+_correct_\w+ \d+(\.\d+)?$")
@@ -38,7 +38,7 @@ def latest(run: dict) -> str:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, set[str]]:
-    return main.parse_args(argv)
+    return config.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def test_resume_allows_execution_and_observation_flags(tirg_lstm_run):
                                                    "--channels_last", "--cudnn_benchmark", "True", "--image_cache",
                                                    "cache"]
     args, given = parse(argv)
-    args = main.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=True)
+    args = config.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=True)
     assert (args.num_iters, args.eval_every, args.save_every, args.log_every) == (9, 2, 3, 5)
     assert (args.channels_last, args.loader_num_workers, args.image_cache) == (True, 2, "cache")
     assert (args.model, args.lstm_dim, args.image_size, args.seed) == ("tirg", 16, 32, 3)
@@ -110,7 +110,7 @@ def test_test_only_lets_a_given_flag_win_with_one_warning_each(tirg_lstm_run, ca
     args, given = parse(dataset_flags(tirg_lstm_run["data"]) + ["--test_only", "--model_checkpoint", "x.pth",
                                                                 "--image_size", "48", "--seed", "3", "--amp"])
     with caplog.at_level(logging.INFO):
-        args = main.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=False)
+        args = config.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=False)
     assert (args.image_size, args.amp, args.seed, args.model, args.lstm_dim) == (48, True, 3, "tirg", 16)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2, warnings  # --seed 3 is the checkpoint's own: no warning
@@ -131,8 +131,8 @@ def test_original_format_settings_come_from_its_namespace(tirg_lstm_run, caplog)
     original = {"it": 123, "opt": opt, "model_state_dict": ckpt["model_state_dict"]}
     args, given = parse(["--test_only", "--model_checkpoint", "orig.pth", "--lstm_dim", "16"])
     with caplog.at_level(logging.INFO):
-        args = main.take_checkpoint_settings(args, original, given, "orig.pth", resume=False)
-    args = main.resolve_defaults(args)
+        args = config.take_checkpoint_settings(args, original, given, "orig.pth", resume=False)
+    args = config.resolve_defaults(args)
     assert (args.dataset, args.dataset_path, args.model, args.loss) == (
         "fashion200k", "/orig/fashion200k", "tirg", "batch_based_classification")
     assert (args.image_embed_dim, args.learning_rate, args.weight_decay, args.use_complete_text_query) == (
@@ -163,7 +163,7 @@ def test_resume_from_a_best_checkpoint_is_refused(tirg_lstm_run, tmp_path):
     best = os.path.join(tirg_lstm_run["folder"], "best_checkpoint.pth")
     assert "optimizer" not in checkpoint.read_checkpoint(best)
     with pytest.raises(UserInputError, match="latest_checkpoint.pth"):
-        main.prepare_args(*parse(dataset_flags(tirg_lstm_run["data"]) + ["--resume", best]))
+        config.prepare_args(*parse(dataset_flags(tirg_lstm_run["data"]) + ["--resume", best]))
 
 
 def test_weights_from_a_checkpoint_fetch_no_imagenet_and_no_bert(tirg_lstm_run, tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_weights_from_a_checkpoint_fetch_no_imagenet_and_no_bert(tirg_lstm_run, 
     monkeypatch.setattr(torchvision.models, "resnet18", resnet18)
     monkeypatch.setattr(text_model, "BertTextEncoder", no_bert)
     args, given = parse(dataset_flags(tirg_lstm_run["data"]) + ["--test_only", "--model_checkpoint", "x.pth"])
-    args = main.resolve_defaults(main.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=False))
+    args = config.resolve_defaults(config.take_checkpoint_settings(args, ckpt, given, "x.pth", resume=False))
     assert args.image_weights == "imagenet"  # the record stays; the weights come from the checkpoint
     model, _, _ = factory.build_model(args, torch.device("cpu"), (), ckpt, "x.pth")
     state = model.state_dict()

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-import css_scenes
+import config
 import datasets
 import main
 import test_retrieval
 from errors import UserInputError
+from retrieval_datasets import css3d_render
 
 S = 32
 
@@ -121,7 +122,7 @@ def test_scene_file_is_a_real_python2_pickle(css):
     assert "SHORT_BINSTRING" in ops and not ops & {"BINUNICODE", "SHORT_BINUNICODE", "BINBYTES"}  # py2 strings
     with pytest.raises(UnicodeError):  # Python 3's default ASCII decoding cannot read its latin-1 strings
         np.load(os.path.join(css, datasets.CSS3D_FILE), allow_pickle=True)
-    loaded = css_scenes.load_scene_file(os.path.join(css, datasets.CSS3D_FILE))
+    loaded = css3d_render.load_scene_file(os.path.join(css, datasets.CSS3D_FILE))
     assert loaded["test"]["mods"][0]["to_str"] == "make it cyan caf\xe9"
     assert loaded["test"]["labels"].tolist() == [10, 11, 10, 12] and "labels" not in loaded["train"]
 
@@ -130,10 +131,10 @@ def test_scene_file_refuses_other_globals(tmp_path):
     evil = b"\x80\x02cos\nsystem\nq\x00U\x0bexit 3 >&2q\x01\x85q\x02Rq\x03."  # os.system('...') in protocol 2
     save_py2_npy(str(tmp_path / datasets.CSS3D_FILE), None, pickle_bytes=evil)
     with pytest.raises(UserInputError, match=r"refusing to load os\.system"):
-        css_scenes.load_scene_file(str(tmp_path / datasets.CSS3D_FILE))
+        css3d_render.load_scene_file(str(tmp_path / datasets.CSS3D_FILE))
     np.save(tmp_path / "plain.npy", np.zeros(3))
     with pytest.raises(UserInputError, match="float64 array"):
-        css_scenes.load_scene_file(str(tmp_path / "plain.npy"))
+        css3d_render.load_scene_file(str(tmp_path / "plain.npy"))
 
 
 def test_captions_labels_and_test_queries(css):
@@ -190,7 +191,7 @@ def test_2d_rendering_without_images_and_files_with_them(css, tmp_path):
     assert img[:, 32, 32].tolist() == [244, 35, 35] and img[:, 2, 2].tolist() == [255, 255, 255]
     assert img[:, 24, 24].tolist() == [244, 35, 35] and img[:, 23, 32].tolist() == [255, 255, 255]
     assert datasets.CSS3D(css, "test", image_size=S).load_image(3).shape == (3, S, S)
-    diamond = css_scenes.render_2d([obj("blue", "circle", "large", 0.5, 0.5)])
+    diamond = css3d_render.render_2d([obj("blue", "circle", "large", 0.5, 0.5)])
     assert diamond[32, 30].tolist() == [42, 75, 215] and diamond[25, 25].tolist() == [255, 255, 255]
     with_files = datasets.CSS3D(make_css(tmp_path / "files", with_images=True), "train", image_size=S)
     assert not with_files.rendered and with_files.load_image(2)[:, 5, 5].tolist() == [120, 7, 200]
@@ -201,7 +202,7 @@ def test_css3d_trains_the_resnet_body_at_the_full_rate_as_tirg(css):
 
     for dataset, body_scale, extra in (("css3d", 1.0, []), ("mitstates", 0.1, []),
                                        ("css3d", 0.5, ["--resnet_lr_scale", "0.5"])):
-        args = main.resolve_defaults(main.get_args_parser().parse_args(
+        args = config.resolve_defaults(config.get_args_parser().parse_args(
             ["--dataset", dataset, "--dataset_path", css, "--image_weights", "none", "--model", "tirg",
              "--lstm_dim", "16", *extra]))
         _, optimizer, _ = factory.create_model_and_optimizer(args, ["make it blue"])

@@ -7,6 +7,7 @@ import glob
 import pytest
 import torch
 
+import config
 import datasets
 import factory
 import main
@@ -45,7 +46,7 @@ def test_original_format_settings_come_from_its_namespace(tirg_checkpoint, tmp_p
                                           loss="soft_triplet", lstm_dim=24)}
     path = str(tmp_path / "original.pth")
     torch.save(original, path)
-    args = main.checkpoint_args(original)
+    args = config.checkpoint_args(original)
     assert (args.model, args.image_embed_dim, args.lstm_dim, args.loss, args.image_size) == ("tirg", 40, 24, "soft_triplet", 224)
     with pytest.raises(UserInputError, match="without a vocabulary"):
         factory.model_from_checkpoint(path, torch.device("cpu"))

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import benchmark
+import config
 import datasets
 import image_cache
 import synthetic as synthetic_data
-import main
 import factory
 import sgd_step
 from cuda_graph import CudaGraphStep
@@ -37,7 +37,7 @@ def make_args(path: str, *extra: str) -> argparse.Namespace:
     argv = ["--dataset", "mitstates", "--dataset_path", path, "--image_size", str(S), "--image_weights", "none",
             "--batch_size", "8", "--loss", "batch_based_classification", "--loader_num_workers", "0",
             "--device", "cpu", *extra]
-    return main.resolve_defaults(main.get_args_parser().parse_args(argv))
+    return config.resolve_defaults(config.get_args_parser().parse_args(argv))
 
 
 def loader_batches(trainset, args, n: int, workers: int) -> list[dict]:

@@ -27,6 +27,7 @@ import torch
 import datasets
 import synthetic
 import img_text_composition_models as models
+import config
 import main
 import runlog
 import checkpoint
@@ -362,7 +363,7 @@ README_COMMANDS = {
 
 
 def parse(line: str) -> argparse.Namespace:
-    return main.get_args_parser().parse_args(shlex.split(line))
+    return config.get_args_parser().parse_args(shlex.split(line))
 
 
 def test_readme_commands_parse_with_their_values():
@@ -370,7 +371,7 @@ def test_readme_commands_parse_with_their_values():
     assert (a.dataset, a.dataset_path, a.model, a.loss) == ("mitstates", "../data/mitstates/", "tirg", "soft_triplet")
     assert (a.learning_rate_decay_frequency, a.num_iters, a.weight_decay) == (50000, 160000, 5e-5)
     assert (a.comment, a.log_dir) == ("mitstates_tirg_original", "../logs/mitstates/")
-    r = main.resolve_defaults(a)  # flags left out take the original's defaults on the published datasets
+    r = config.resolve_defaults(a)  # flags left out take the original's defaults on the published datasets
     assert (r.use_bert, r.use_complete_text_query, r.test_only) == (False, False, False)
     assert (r.learning_rate, r.batch_size, r.image_embed_dim, r.image_size) == (1e-2, 32, 512, 224)
     assert (r.loader_num_workers, r.category_to_train, r.model_checkpoint) == (4, "all", "")
@@ -378,13 +379,13 @@ def test_readme_commands_parse_with_their_values():
     b = parse(README_COMMANDS["mitstates_tirg_bert"])
     assert b.use_bert is True and b.comment == "mitstates_tirg_bert"
     c = parse(README_COMMANDS["mitstates_tirg_complete"])
-    assert c.use_complete_text_query is True and not main.resolve_defaults(c).use_bert
+    assert c.use_complete_text_query is True and not config.resolve_defaults(c).use_bert
 
     d = parse(README_COMMANDS["fashion200k_composeAE"])
     assert (d.dataset, d.model, d.loss) == ("fashion200k", "composeAE", "batch_based_classification")
     assert d.use_bert is True and d.use_complete_text_query is True
 
-    e = main.resolve_defaults(parse(README_COMMANDS["fashionIQ_real"]))
+    e = config.resolve_defaults(parse(README_COMMANDS["fashionIQ_real"]))
     assert (e.dataset, e.model, e.learning_rate_decay_frequency, e.num_iters) == (
         "fashionIQ", "RealSpaceConcatAE", 8000, 100000)
     assert e.weight_decay == 1e-6 and e.category_to_train == "all"
@@ -411,12 +412,12 @@ def test_readme_flag_tables_are_the_parsers():
     section = readme[readme.index("<!-- flag-tables -->\n") + 21: readme.index("<!-- /flag-tables -->")]
     assert section == flag_table.flag_tables()
     table = re.findall(r"^\| `(-[-\w]+)` \|", readme, flags=re.MULTILINE)
-    flags = [s for action in main.get_args_parser()._actions for s in action.option_strings if s not in ("-h", "--help")]
+    flags = [s for action in config.get_args_parser()._actions for s in action.option_strings if s not in ("-h", "--help")]
     assert sorted(table) == sorted(flags)
 
 
 def test_jupyter_flag_and_original_defaults_parse():
-    a = main.resolve_defaults(parse("-f /tmp/kernel-1.json --dataset=mitstates --dataset_path=x --test_only True "
+    a = config.resolve_defaults(parse("-f /tmp/kernel-1.json --dataset=mitstates --dataset_path=x --test_only True "
                                     "--model_checkpoint m.pth"))
     assert a.f == "/tmp/kernel-1.json" and a.test_only is True and a.model_checkpoint == "m.pth"
     assert (a.model, a.loss, a.num_iters, a.learning_rate_decay_frequency, a.log_dir) == (
@@ -529,7 +530,7 @@ def test_tensorboard_test_metrics_only_at_evaluation_steps(lstm_run):
 # 7. Optimizer groups and the learning-rate schedule
 def test_optimizer_groups_cover_every_parameter_once(data_dir, tiny_bert_32):
     for extra in ([], ["--use_bert", "True", "--bert_model", tiny_bert_32]):
-        args = main.resolve_defaults(main.get_args_parser().parse_args(
+        args = config.resolve_defaults(config.get_args_parser().parse_args(
             cli(data_dir, "logs") + ["--learning_rate", "0.05", "--learning_rate_decay_frequency", "3"] + extra))
         texts = datasets.MITStates(data_dir, "train", image_size=32).get_all_texts()
         model, optimizer, scheduler = factory.create_model_and_optimizer(args, texts)
@@ -616,7 +617,7 @@ def test_error_during_training_is_a_line_of_its_own(data_dir, tmp_path, monkeypa
 # 9. A checkpoint of the original code
 def test_original_code_checkpoint_of_a_bert_model_evaluates(data_dir, tiny_bert_32, tmp_path, capsys):
     flags = cli(data_dir, tmp_path / "logs", bert=tiny_bert_32) + ["--model", "composeAE"]
-    args = main.resolve_defaults(main.get_args_parser().parse_args(flags))
+    args = config.resolve_defaults(config.get_args_parser().parse_args(flags))
     trainset, testset = datasets.build_datasets("mitstates", data_dir, image_size=32)
     torch.manual_seed(123)
     model, _, _ = factory.create_model_and_optimizer(args, trainset.get_all_texts())

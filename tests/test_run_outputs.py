@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import checkpoint
-import main
+import config
 import runlog
 
 METRIC_LINE = re.compile(r"^     (train|test) recall_top\d+_correct_\w+ \d+(\.\d+)?$")
@@ -44,7 +44,7 @@ def test_args_json_holds_every_resolved_setting_and_the_environment(tirg_lstm_ru
         info = json.load(f)
     saved = checkpoint.read_checkpoint(os.path.join(tirg_lstm_run["folder"], "latest_checkpoint.pth"))["args"]
     assert info["args"] == json.loads(json.dumps(saved))  # every resolved flag, as the checkpoint holds them
-    assert set(info["args"]) == {a.dest for a in main.get_args_parser()._actions if a.dest != "help"}
+    assert set(info["args"]) == {a.dest for a in config.get_args_parser()._actions if a.dest != "help"}
     assert info["args"]["loader_num_workers"] == 0 and info["args"]["log_dir"] == tirg_lstm_run["log_dir"]
     assert info["torch"] == torch.__version__ and info["device"] == "cpu"
     assert "git_commit" in info and (info["git_commit"] is None or re.match(r"^[0-9a-f]{40}", info["git_commit"]))
@@ -181,7 +181,7 @@ def test_a_run_failing_before_its_first_step_leaves_no_folder(tirg_lstm_run, run
 # ------------------------------------------------------------------------------------------------------------------
 # The command line
 def test_help_groups_the_flags_by_purpose():
-    parser = main.get_args_parser()
+    parser = config.get_args_parser()
     groups = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
     for title in ("data", "model", "text", "optimisation", "evaluation", "checkpoints and logging", "speed",
                   "device and distributed"):
@@ -200,13 +200,13 @@ def test_help_groups_the_flags_by_purpose():
     (["--amp", "--channels_last"], True),
 ])
 def test_boolean_flags_take_the_bare_form(argv, expected):
-    args, _ = main.parse_args(argv + ["--use_bert", "True"])
+    args, _ = config.parse_args(argv + ["--use_bert", "True"])
     assert args.amp is expected and args.use_bert is True
 
 
 def test_allow_tf32_defaults_to_pytorchs_tf32_and_offers_fp32():
-    assert main.parse_args([])[0].allow_tf32 is True
-    assert main.parse_args(["--allow_tf32", "False"])[0].allow_tf32 is False
+    assert config.parse_args([])[0].allow_tf32 is True
+    assert config.parse_args(["--allow_tf32", "False"])[0].allow_tf32 is False
 
 
 @pytest.mark.parametrize("protocol", ["tirg", "tirg_groups", "tirg_ks", "cirr", "fashioniq_standard"])

@@ -1,4 +1,4 @@
-"""Prints the README's flag tables (one per --help group) from main.py's parser:
+"""Prints the README's flag tables (one per --help group) from main.py's parser (config.get_args_parser):
 
     python tools/flag_table.py        # paste between the README's flag-table markers
 """
@@ -10,19 +10,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import main  # noqa: E402
+import config  # noqa: E402
 
 
 def _default(dest: str, default) -> str:
-    shown = main.ORIGINAL_DEFAULTS.get(dest, default)
+    shown = config.ORIGINAL_DEFAULTS.get(dest, default)
     text = "`(required)`" if shown is None else f"`{shown}`"
-    if dest in main.SYNTHETIC_PRESET:
-        text += f" (synthetic: `{main.SYNTHETIC_PRESET[dest]}`)"
+    if dest in config.SYNTHETIC_PRESET:
+        text += f" (synthetic: `{config.SYNTHETIC_PRESET[dest]}`)"
     return text
 
 
 def flag_tables() -> str:
-    parser = main.get_args_parser()
+    parser = config.get_args_parser()
     out = []
     for group in parser._action_groups:
         actions = [a for a in group._group_actions if a.option_strings and a.dest != "help"]

@@ -1,0 +1,198 @@
+"""What every dataset of the package shares: the retrieval benchmark a split describes (``RetrievalTask``), the
+options its splits are built with (``SplitOptions``), the base class of the loaders (image access, bad-image
+bookkeeping, item assembly) and small helpers.
+
+Every dataset returns images as uint8 tensors (3, S, S) (PIL -> RGB -> Resize(S) -> CenterCrop(S)); the ImageNet
+normalisation happens on the device in the model. Training items are addressed by ``(epoch, index, slot)`` and are
+a pure function of ``(seed, epoch, index, slot)``, so any number of DataLoader workers, ranks and resumes see the
+same pairs. ``test_task()`` / ``train_task(n, seed)`` describe the retrieval benchmarks as ``RetrievalTask``
+objects that ``test_retrieval.evaluate`` consumes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from errors import UserInputError
+from image_cache import BadImageError, ImageCache, load_rgb_uint8
+from seeding import Stream, seeded_rng
+
+logger = logging.getLogger("datasets")  # the name its log lines carry
+
+
+@dataclasses.dataclass
+class RetrievalTask:
+    """One retrieval benchmark: queries (source image + text) ranked against a gallery."""
+
+    image_keys: list  # unique images to encode, in order; dataset.load_image(key)
+    gallery: list[int]  # (G,) positions in image_keys, gallery order
+    query_source: list[int]  # (Q,) positions in image_keys
+    query_text: list[str]  # (Q,)
+    gallery_labels: dict[str, list[str]]  # view -> (G,) labels, e.g. composition / adj / noun
+    query_targets: dict[str, list[str]]  # view -> (Q,) target labels, same views
+    query_exclude: list[int] | None = None  # (Q,) gallery position ranked last (the source), -1 for none
+    query_groups: dict[str, list[bool]] | None = None  # Fashion IQ: category -> (Q,) membership
+    # The metrics: 'tirg' (test_retrieval.retrieval_metrics), 'cirr' (reference removed, recall and recall_subset)
+    # or 'fashioniq_standard' (per-category galleries, R@10 / R@50); see test_retrieval.task_metrics.
+    protocol: str = "tirg"
+    ks: tuple[int, ...] | None = None  # recall cut-offs ('tirg'); None = test_retrieval.DEFAULT_KS
+    gallery_groups: dict[str, list[bool]] | None = None  # group -> (G,) membership: a query's group's gallery only
+    query_subsets: list[list[int]] | None = None  # CIRR: (Q,) gallery positions of the img_set members
+    query_ids: list | None = None  # CIRR: (Q,) pairids, for the test-server submission
+
+
+DEFAULT_IMAGE_SIZE = 224  # the original's Resize(224) + CenterCrop(224)
+_JPEG_SUFFIXES = (".jpg", ".jpeg")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitOptions:
+    """The settings a dataset's splits are built with: ``--dataset_path`` and the run's data flags."""
+
+    path: Any  # --dataset_path (a folder; for triplets also the .csv file itself)
+    image_size: int = DEFAULT_IMAGE_SIZE
+    use_complete_text_query: bool = False
+    category: str = "all"  # --category_to_train (Fashion IQ)
+    seed: int = 0
+    image_cache: str | None = None
+    exclude_source_adj: bool = False  # MIT-States layout
+    fashioniq_protocol: str = "composeae"
+    select_on: str = "test"
+    val_nouns: int = 0  # MIT-States layout, with select_on 'val'
+
+    @property
+    def val(self) -> bool:
+        """Whether a validation split is built (``--select_on val``)."""
+        return self.select_on == "val"
+
+    def common(self) -> dict[str, Any]:
+        """The keyword arguments that every dataset class takes."""
+        return dict(image_size=self.image_size, use_complete_text_query=self.use_complete_text_query,
+                    seed=self.seed, image_cache=self.image_cache)
+
+
+def _pick(rng: np.random.Generator, seq: Sequence) -> Any:
+    """Uniform choice of one element of ``seq`` (non-empty)."""
+    return seq[int(rng.integers(len(seq)))]
+
+
+class _RetrievalDataset(torch.utils.data.Dataset):
+    """Shared image access, bad-image bookkeeping and item assembly of every dataset of the package."""
+
+    name = "dataset"
+    items_per_source = 1
+
+    def __init__(self, path: str, split: str, image_size: int, use_complete_text_query: bool, seed: int,
+                 image_cache: str | None) -> None:
+        super().__init__()
+        path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else path
+        if not isinstance(path, str) or not os.path.isdir(path):
+            raise UserInputError(f"dataset path {path!r} is not a folder: pass --dataset_path pointing at the "
+                                 f"{self.name} dataset ({self._layout()})")
+        if int(image_size) < 1:
+            raise UserInputError(f"image size {image_size} must be a positive number of pixels")
+        self.path = path
+        self.split = split
+        self.image_size = int(image_size)
+        self.use_complete_text_query = bool(use_complete_text_query)
+        self.seed = int(seed)
+        self.image_cache_dir = image_cache
+        self.bad_images: set[str] = set()  # unreadable files seen by this process (workers keep their own)
+        self._paths: list[str] = []
+        self._cache: ImageCache | None = None
+
+    @classmethod
+    def _layout(cls) -> str:
+        return ""
+
+    def _set_image_paths(self, paths: list[str], cache_name: str) -> None:
+        """Registers the image files (image id = position) and builds/opens the decode-once cache if asked."""
+        self._paths = paths
+        if self.image_cache_dir:
+            self._cache = ImageCache(self.image_cache_dir, cache_name, self.split, self.image_size, paths)
+            for i in sorted(self._cache.bad):
+                self._report_bad(paths[i])
+
+    def _report_bad(self, path: str) -> None:
+        if path not in self.bad_images:
+            self.bad_images.add(path)
+            logger.warning("skipping unreadable image %s (%d unreadable so far)", path, len(self.bad_images))
+
+    def _load_id(self, i: int) -> torch.Tensor:
+        """uint8 (3, S, S) of image id ``i``; raises BadImageError."""
+        if self._cache is not None:
+            return self._cache.get(i)
+        return load_rgb_uint8(self._paths[i], self.image_size)
+
+    def _key_to_id(self, key: Any) -> int:
+        return int(key)
+
+    def load_image(self, key: Any) -> torch.Tensor:
+        """uint8 (3, S, S) image for a ``RetrievalTask.image_keys`` entry; zeros (after a warning) if unreadable."""
+        i = self._key_to_id(key)
+        try:
+            return self._load_id(i)
+        except BadImageError as exc:
+            self._report_bad(exc.path)
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8)
+
+    def _item(self, source: int, target: int, text: str, target_caption: str) -> dict | None:
+        try:
+            source_img = self._load_id(source)
+            target_img = self._load_id(target)
+        except BadImageError as exc:
+            self._report_bad(exc.path)
+            return None
+        return {"source_img": source_img, "target_img": target_img, "text": text, "source_img_id": int(source),
+                "target_img_id": int(target), "target_caption": target_caption}
+
+    @staticmethod
+    def _parse_key(key: Any) -> tuple[int, int, int]:
+        """``(epoch, index, slot)``; a bare int is read as ``(0, index, 0)``."""
+        if isinstance(key, (tuple, list)):
+            if len(key) != 3:
+                raise KeyError(f"dataset keys are (epoch, index, slot) tuples, got {key!r}")
+            return int(key[0]), int(key[1]), int(key[2])
+        return 0, int(key), 0
+
+    def _check_index(self, index: int) -> None:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+
+    @staticmethod
+    def _sample_sources(pool: Sequence[int], n: int, seed: int) -> list[int]:
+        """``n`` sources from ``pool``, seeded: without replacement when ``n <= len(pool)``."""
+        if n < 0:
+            raise ValueError(f"n_queries must be >= 0, got {n}")
+        if n == 0:
+            return []
+        rng = seeded_rng(seed, Stream.TRAIN_TASK)
+        chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=n > len(pool))
+        return [int(i) for i in chosen]
+
+    @staticmethod
+    def _positions(ids: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+        """Unique ids in first-seen order and id -> position."""
+        keys: list[int] = []
+        where: dict[int, int] = {}
+        for i in ids:
+            if i not in where:
+                where[i] = len(keys)
+                keys.append(i)
+        return keys, where
+
+
+def _read_utf8_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file; any other encoding is a UserInputError naming the file and the byte."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().split("\n")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                             f"convert it to UTF-8") from None
