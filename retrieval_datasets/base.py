@@ -10,7 +10,9 @@ objects that ``test_retrieval.evaluate`` consumes.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Sequence
@@ -188,11 +190,61 @@ class _RetrievalDataset(torch.utils.data.Dataset):
         return keys, where
 
 
-def _read_utf8_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file; any other encoding is a UserInputError naming the file and the byte."""
+def _read_utf8_text(path: str) -> str:
+    """The text of a UTF-8 file, a leading byte-order mark dropped; an unreadable file or any other encoding is a
+    UserInputError naming the file (and the first bad byte and its offset in the file)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().split("\n")
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise UserInputError(f"{path} cannot be read ({exc.strerror or exc}); check the file and its "
+                             f"permissions") from None
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise UserInputError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+        offset = skip + exc.start
+        raise UserInputError(f"{path}: not UTF-8 text (byte {raw[offset]:#04x} at offset {offset}); "
                              f"convert it to UTF-8") from None
+
+
+def _read_utf8_lines(path: str) -> list[str]:
+    """The lines of a UTF-8 text file (``_read_utf8_text``), split at '\\n'."""
+    return _read_utf8_text(path).split("\n")
+
+
+_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: object, list, string, number, boolean or null."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _read_json(path: str, kind: type, missing: str) -> Any:
+    """The parsed JSON file ``path``, which must hold a ``kind`` (dict or list). A missing file is a UserInputError
+    ``'<path> is missing: <missing>'``; an unreadable, non-UTF-8 or invalid file (nested deeper than Python's stack
+    allows included), or another JSON type, is one naming the file."""
+    if not os.path.isfile(path):
+        raise UserInputError(f"{path} is missing: {missing}")
+    text = _read_utf8_text(path)
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack allows
+        raise UserInputError(f"{path}: not valid JSON ({' '.join(str(exc)[:200].split())})") from None
+    if not isinstance(data, kind):
+        raise UserInputError(f"{path}: expected a JSON {_JSON_TYPES[kind]}, got {json_type(data)}")
+    return data
+
+
+def text_problem(value: Any, expected: str) -> str | None:
+    """Why the parsed JSON ``value`` is not ``expected``, a string that UTF-8 can encode (JSON may hold lone
+    surrogates such as '\\udcff'), or None when it is."""
+    if not isinstance(value, str):
+        return f"must be {expected}, got {json_type(value)} {str(value)[:40]!r}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"must be {expected}, got text with a lone surrogate {value[:40]!r} (not UTF-8)"
+    return None

@@ -1,13 +1,14 @@
 """CIRR (Liu et al., ICCV 2021; github Cuberick-Orion/CIRR) in its published layout."""
 from __future__ import annotations
 
-import json
+import collections
 import os
 from typing import Any, Sequence
 
 from errors import UserInputError
 
-from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _RetrievalDataset
+from .base import (DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _read_json, _RetrievalDataset, json_type,
+                   text_problem)
 
 CIRR_SPLITS = ("train", "val", "test1")
 
@@ -35,20 +36,15 @@ class CIRR(_RetrievalDataset):
         split_file = os.path.join(path, "image_splits", f"split.rc2.{split}.json")
         caption_file = os.path.join(path, "captions", f"cap.rc2.{split}.json")
         name2rel = self._read_json(split_file, dict)
+        for i, (name, rel) in enumerate(name2rel.items()):
+            problem = text_problem(name, "an image name") or text_problem(rel, "a relative image path string")
+            if problem:
+                raise UserInputError(f"{split_file}: entry {i} ({name!r}): the value {problem}; re-download CIRR or "
+                                     f"fix the file")
         self.labelled = split != "test1"
-        self.entries: list[dict] = []
-        for i, e in enumerate(self._read_json(caption_file, list)):
-            members = e.get("img_set", {}).get("members") if isinstance(e, dict) else None
-            ok = (isinstance(e, dict) and isinstance(e.get("pairid"), int) and isinstance(e.get("reference"), str)
-                  and isinstance(e.get("caption"), str) and isinstance(members, list)
-                  and all(isinstance(m, str) for m in members)
-                  and (not self.labelled or isinstance(e.get("target_hard"), str)))
-            if not ok:
-                target = ", target_hard" if self.labelled else ""
-                raise UserInputError(f"{caption_file}: entry {i} is malformed: expected pairid, reference{target}, "
-                                     f"caption and img_set.members")
-            self.entries.append({"pairid": e["pairid"], "reference": e["reference"],
-                                 "target": e.get("target_hard"), "caption": e["caption"], "members": list(members)})
+        self.entries = [self._entry(caption_file, i, e) for i, e in enumerate(self._read_json(caption_file, list))]
+        if not self.labelled:
+            self._refuse_duplicate_pairids(caption_file)
         if not self.entries:
             raise UserInputError(f"{caption_file} holds no pairs")
         self.image_names = list(name2rel)
@@ -69,16 +65,51 @@ class CIRR(_RetrievalDataset):
 
     @staticmethod
     def _read_json(file_path: str, kind: type) -> Any:
-        if not os.path.isfile(file_path):
-            raise UserInputError(f"{file_path} is missing: CIRR needs {CIRR._layout()}")
-        try:
-            with open(file_path, encoding="utf-8") as f:
-                data = json.load(f)
-        except ValueError as exc:
-            raise UserInputError(f"{file_path}: not valid JSON ({exc})") from None
-        if not isinstance(data, kind):
-            raise UserInputError(f"{file_path}: expected a JSON {kind.__name__}, got {type(data).__name__}")
-        return data
+        return _read_json(file_path, kind, f"CIRR needs {CIRR._layout()}")
+
+    def _entry(self, caption_file: str, i: int, e: Any) -> dict:
+        """Caption entry ``i``, its field types checked: ``{pairid, reference, target, caption, members}``."""
+        fields = ["pairid", "reference", "caption", "img_set"] + (["target_hard"] if self.labelled else [])
+
+        def bad(what: str) -> UserInputError:
+            return UserInputError(f"{caption_file}: entry {i} is malformed: {what}; expected "
+                                  f"{{{', '.join(fields)}: {{members: [image names]}}}} (re-download CIRR or fix "
+                                  f"the file)")
+
+        if not isinstance(e, dict):
+            raise bad(f"it is a {json_type(e)}, not an object")
+        for field in fields:
+            if field not in e:
+                raise bad(f"{field!r} is missing")
+        if not isinstance(e["pairid"], int) or isinstance(e["pairid"], bool):
+            raise bad(f"'pairid' must be an integer, got {json_type(e['pairid'])} {str(e['pairid'])[:40]!r}")
+        for field in fields[1:]:
+            problem = "" if field == "img_set" else text_problem(e[field], "a string")
+            if problem:
+                raise bad(f"{field!r} {problem}")
+        if not isinstance(e["img_set"], dict):
+            raise bad(f"'img_set' must be an object holding 'members', got {json_type(e['img_set'])} "
+                      f"{str(e['img_set'])[:40]!r}")
+        members = e["img_set"].get("members")
+        if not isinstance(members, list):
+            raise bad(f"'img_set.members' must be a list of image names, got {json_type(members)}")
+        for k, m in enumerate(members):
+            problem = text_problem(m, "an image name string")
+            if problem:
+                raise bad(f"'img_set.members[{k}]' {problem}")
+        return {"pairid": e["pairid"], "reference": e["reference"], "target": e.get("target_hard"),
+                "caption": e["caption"], "members": list(members)}
+
+    def _refuse_duplicate_pairids(self, caption_file: str) -> None:
+        """test1: the CIRR server keys its predictions by pairid, so a repeated pairid would keep one of its pairs
+        in the submission files; refused, naming the first few."""
+        counts = collections.Counter(e["pairid"] for e in self.entries)
+        repeated = [p for p, c in counts.items() if c > 1]
+        if repeated:
+            shown = ", ".join(str(p) for p in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+            raise UserInputError(f"{caption_file}: {len(repeated)} pairid{'s' if len(repeated) > 1 else ''} "
+                                 f"listed more than once ({shown}; {sum(counts[p] for p in repeated)} entries); the "
+                                 f"CIRR server scores one prediction per pairid: list each pair once")
 
     @staticmethod
     def _find_image_root(path: str, relative: list[str], split_file: str) -> str:

@@ -2,16 +2,17 @@
 2021, Sec. 4.1) uses it, and CLIP4Cir's standard protocol."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
 from errors import UserInputError
 
-from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _RetrievalDataset
+from .base import (DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _read_json, _RetrievalDataset, json_type,
+                   text_problem)
 
 FASHION_IQ_CATEGORIES = ("dress", "shirt", "toptee")  # the order of category 'all', as the original
 FASHION_IQ_PROTOCOLS = ("composeae", "standard")
+FASHION_IQ_CAPTIONS = 2  # relative captions per entry in the published files
 
 
 def fashioniq_standard_text(captions: Sequence[str]) -> str:
@@ -70,26 +71,14 @@ class FashionIQ(_RetrievalDataset):
             split_file = os.path.join(path, "image_splits", f"split.{cat}.{split}.json")
             names = self._read_json_list(split_file)
             for i, name in enumerate(names):
-                if not isinstance(name, str):
-                    raise UserInputError(f"{split_file}: entry {i} is {name!r}, expected an image name string")
+                problem = text_problem(name, "an image name string")
+                if problem:
+                    raise UserInputError(f"{split_file}: entry {i} {problem}; re-download Fashion IQ or fix the file")
             split_names += names
             self.category_gallery[cat] = list(dict.fromkeys(names))
             caption_file = os.path.join(path, "captions", f"cap.{cat}.{split}.json")
-            for i, entry in enumerate(self._read_json_list(caption_file)):
-                ok = (isinstance(entry, dict) and isinstance(entry.get("candidate"), str)
-                      and isinstance(entry.get("target"), str) and isinstance(entry.get("captions"), list)
-                      and all(isinstance(c, str) for c in entry["captions"]))
-                if not ok:
-                    raise UserInputError(f"{caption_file}: entry {i} is malformed: expected "
-                                         f"{{'candidate': name, 'target': name, 'captions': [text, text]}}")
-                if protocol == "standard":
-                    text = fashioniq_standard_text(entry["captions"])
-                elif category == "all":
-                    text = (cat + " " + " and it ".join(entry["captions"])).lower()
-                else:
-                    text = " ".join(entry["captions"]).lower()
-                self.entries.append({"category": cat, "candidate": entry["candidate"], "target": entry["target"],
-                                     "captions": list(entry["captions"]), "text": text})
+            self.entries += [self._entry(caption_file, i, entry, cat)
+                             for i, entry in enumerate(self._read_json_list(caption_file))]
         if not self.entries:
             raise UserInputError(f"no {split} caption entries in {os.path.join(path, 'captions')}: "
                                  f"expected cap.<category>.{split}.json lists")
@@ -127,16 +116,40 @@ class FashionIQ(_RetrievalDataset):
 
     @staticmethod
     def _read_json_list(file_path: str) -> list:
-        if not os.path.isfile(file_path):
-            raise UserInputError(f"{file_path} is missing: Fashion IQ needs {FashionIQ._layout()}")
-        try:
-            with open(file_path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack allows
-            raise UserInputError(f"{file_path}: not valid JSON ({str(exc)[:200]})") from None
-        if not isinstance(data, list):
-            raise UserInputError(f"{file_path}: expected a JSON list, got {type(data).__name__}")
-        return data
+        """The JSON list in ``file_path``; anything else is a one-line UserInputError naming the file."""
+        return _read_json(file_path, list, f"Fashion IQ needs {FashionIQ._layout()}")
+
+    def _entry(self, caption_file: str, i: int, entry: Any, cat: str) -> dict:
+        """Caption entry ``i`` of category ``cat``, its field types checked, with its query text."""
+        def bad(what: str) -> UserInputError:
+            return UserInputError(f"{caption_file}: entry {i} is malformed: {what}; expected {{'candidate': name, "
+                                  f"'target': name, 'captions': [text, text]}}")
+
+        if not isinstance(entry, dict):
+            raise bad(f"it is a {json_type(entry)}, not an object")
+        for field in ("candidate", "target", "captions"):
+            if field not in entry:
+                raise bad(f"{field!r} is missing")
+        for field in ("candidate", "target"):
+            problem = text_problem(entry[field], "an image name string")
+            if problem:
+                raise bad(f"{field!r} {problem}")
+        captions = entry["captions"]
+        if not isinstance(captions, list) or len(captions) != FASHION_IQ_CAPTIONS:
+            got = f"a list of {len(captions)}" if isinstance(captions, list) else json_type(captions)
+            raise bad(f"'captions' must be a list of {FASHION_IQ_CAPTIONS} strings, got {got} {str(captions)[:60]!r}")
+        for k, caption in enumerate(captions):
+            problem = text_problem(caption, "a string")
+            if problem:
+                raise bad(f"'captions[{k}]' {problem}")
+        if self.protocol == "standard":
+            text = fashioniq_standard_text(captions)
+        elif self.category == "all":
+            text = (cat + " " + " and it ".join(captions)).lower()
+        else:
+            text = " ".join(captions).lower()
+        return {"category": cat, "candidate": entry["candidate"], "target": entry["target"],
+                "captions": list(captions), "text": text}
 
     def __len__(self) -> int:
         return len(self.entries)
