@@ -49,9 +49,9 @@ class CSS3D(_RetrievalDataset):
         if split not in data or not isinstance(data[split], dict):
             raise UserInputError(f"{scene_file} has no {split!r} split (it holds {sorted(map(str, data))})")
         part = data[split]
-        for key in ("objects_img", "mods"):
-            if key not in part:
-                raise UserInputError(f"{scene_file}: the {split} split lacks {key!r}")
+        images_dir = os.path.join(path, "images")
+        self.rendered = not os.path.isdir(images_dir)
+        check_split(scene_file, split, part, self.rendered)
         self.objects = list(part["objects_img"])
         labels = part.get("labels")  # the test split only: copies of a scene share a label
         self.captions = [str(labels[i]) if labels is not None else str(i) for i in range(len(self.objects))]
@@ -62,6 +62,9 @@ class CSS3D(_RetrievalDataset):
             if len(sources) != len(targets) or any(not 0 <= i < n for i in sources + targets):
                 raise UserInputError(f"{scene_file}: {split} mod {m} has from/to lists of different lengths or "
                                      f"image ids outside 0..{n - 1}")
+            if split == "train" and not sources:
+                raise UserInputError(f"{scene_file}: train mods[{m}] has no (from, to) pairs; TIRG's sampling draws "
+                                     f"a pair of any mod: re-download the dataset or fix the file")
             self.mods.append({"from": sources, "to": targets, "to_str": str(mod["to_str"])})
         self.pairs_of: list[list[tuple[int, int]]] = [[] for _ in range(n)]  # source -> [(mod, target)]
         for m, mod in enumerate(self.mods):
@@ -73,8 +76,6 @@ class CSS3D(_RetrievalDataset):
         if split == "train" and not self._two_mod_sources.any():
             raise UserInputError(f"{scene_file}: no training image is the source of two different mods; TIRG's "
                                  f"pairs need one")
-        images_dir = os.path.join(path, "images")
-        self.rendered = not os.path.isdir(images_dir)
         if self.rendered:
             logger.info("CSS3D %s: %s is missing, drawing the 2-D version of each scene", split, images_dir)
         else:
@@ -169,6 +170,70 @@ class CSS3D(_RetrievalDataset):
             image_keys=keys, gallery=[where[t] for _, _, t in pairs], query_source=[where[s] for s, _, _ in pairs],
             query_text=[self.mods[m]["to_str"] for _, m, _ in pairs], gallery_labels={"composition": captions},
             query_targets={"composition": list(captions)}, query_exclude=None)
+
+
+def _describe(value: Any) -> str:
+    """``'<type> <repr>'`` of a value, the repr cut at 40 characters."""
+    return f"{type(value).__name__} {repr(value)[:40]}"
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, a tuple or a numpy array of at least one dimension."""
+    if isinstance(value, np.ndarray):
+        return value.ndim >= 1
+    return isinstance(value, (list, tuple))
+
+
+def _index_list_problem(value: Any) -> str | None:
+    """Why ``value`` is not a list of image indices (ints, numpy ints included; not bools), or None."""
+    if not _is_sequence(value) or (isinstance(value, np.ndarray) and value.ndim != 1):
+        return f"got {_describe(value)}"
+    for v in value:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            return f"got {type(value).__name__} holding {_describe(v)}"
+    return None
+
+
+def check_split(scene_file: str, split: str, part: dict, rendered: bool) -> None:
+    """Type-checks a split of the scene file once, at load: ``objects_img`` a list of scenes (each a list of
+    objects that ``css3d_render.render_2d`` can draw, when ``rendered``), ``labels`` (if any) one per scene, and
+    ``mods`` a non-empty list of dicts with ``from`` / ``to`` lists of image indices and a ``to_str`` string.
+    Raises a one-line UserInputError naming the split and the entry at fault."""
+    def bad(where: str, what: str) -> UserInputError:
+        return UserInputError(f"{scene_file}: {split} {where}: {what}; re-download the dataset or fix the file")
+
+    for key in ("objects_img", "mods"):
+        if key not in part:
+            raise UserInputError(f"{scene_file}: the {split} split lacks {key!r}")
+    objects = part["objects_img"]
+    if not _is_sequence(objects) or len(objects) == 0:
+        raise bad("objects_img", f"must be a non-empty list of scenes, got {_describe(objects)}")
+    for i, scene in enumerate(objects):
+        if not _is_sequence(scene):
+            raise bad(f"objects_img[{i}]", f"must be a list of objects, got {_describe(scene)}")
+        for j, obj in enumerate(scene if rendered else ()):
+            problem = css3d_render.object_problem(obj)
+            if problem:
+                raise bad(f"objects_img[{i}][{j}]", problem)
+    labels = part.get("labels")
+    if labels is not None and (not _is_sequence(labels) or len(labels) != len(objects)):
+        got = f"{len(labels)} labels" if _is_sequence(labels) else _describe(labels)
+        raise bad("labels", f"must hold one label per scene of objects_img ({len(objects)}), got {got}")
+    mods = part["mods"]
+    if not _is_sequence(mods) or len(mods) == 0:
+        raise bad("mods", f"must be a non-empty list of mods, got {_describe(mods)}")
+    for m, mod in enumerate(mods):
+        if not isinstance(mod, dict):
+            raise bad(f"mods[{m}]", f"must be a dict with 'from', 'to' and 'to_str', got {_describe(mod)}")
+        for key in ("from", "to", "to_str"):
+            if key not in mod:
+                raise bad(f"mods[{m}]", f"lacks {key!r} (a mod holds 'from', 'to' and 'to_str')")
+        for key in ("from", "to"):
+            problem = _index_list_problem(mod[key])
+            if problem:
+                raise bad(f"mods[{m}]", f"{key!r} must be a list of image indices, {problem}")
+        if not isinstance(mod["to_str"], str):
+            raise bad(f"mods[{m}]", f"'to_str' must be a string, got {_describe(mod['to_str'])}")
 
 
 def build_splits(options: SplitOptions) -> dict[str, CSS3D]:

@@ -13,6 +13,7 @@ TIRG's ``generate_2d_image``: object centre ``pos`` = (y, x) as fractions of the
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from typing import Any
 
@@ -90,6 +91,25 @@ def load_scene_file(path: str) -> dict:
     if not isinstance(obj, dict):
         raise UserInputError(f"{path}: holds a {type(obj).__name__}, expected a dict of splits")
     return obj
+
+
+def object_problem(obj: Any) -> str | None:
+    """Why ``render_2d`` cannot draw the scene object ``obj`` (a dict with a known ``color``, a ``size``, a
+    ``shape`` and a ``pos`` of two finite numbers), or None when it can."""
+    if not isinstance(obj, dict):
+        return f"must be a dict with color, size, shape and pos, got {type(obj).__name__} {str(obj)[:40]!r}"
+    missing = [k for k in ("color", "size", "shape", "pos") if k not in obj]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not isinstance(obj["color"], str) or obj["color"] not in COLORS:
+        return f"color {obj['color']!r} is not one of {', '.join(COLORS)}"
+    try:
+        y, x = (float(v) for v in obj["pos"])
+    except (TypeError, ValueError):
+        return f"pos must be two numbers (y, x), got {str(obj['pos'])[:40]!r}"
+    if not (math.isfinite(y) and math.isfinite(x)):
+        return f"pos must be two finite numbers (y, x), got {str(obj['pos'])[:40]!r}"
+    return None
 
 
 def render_2d(objects: list[dict], size: int = RENDER_SIZE) -> np.ndarray:
