@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from typing import Any, Sequence
 
 from errors import UserInputError
 
-from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _RetrievalDataset
+from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _read_utf8_text, _RetrievalDataset
 
 logger = logging.getLogger("datasets")  # the name its log lines carry
 
@@ -28,41 +29,24 @@ def read_triplets_csv(csv_path: str) -> list[dict]:
     """The rows of a triplets file, checked: ``[{source, text, target, split, line}]`` with the image paths made
     absolute (relative ones are relative to the file's folder) and normalised, so one image has one path.
 
-    Raises UserInputError (one line) for a missing or empty file, a missing column, an unknown split, an empty
-    cell, or listed images that do not exist (the first one with its line, and how many are missing).
+    The file is UTF-8 (a byte-order mark and CRLF line ends are accepted). Raises UserInputError (one line) for a
+    missing, unreadable, non-UTF-8 or empty file, a header lacking or repeating a column, a row with too few fields
+    or extra non-empty ones (an unquoted comma), text that is not CSV, an unknown split, an empty cell, or listed
+    images that do not exist (the first one with its line, and how many are missing).
     """
     if not os.path.isfile(csv_path):
         raise UserInputError(f"{csv_path} is missing: --dataset triplets needs --dataset_path DIR holding "
                              f"{TRIPLETS_FILE} with the header {','.join(TRIPLETS_COLUMNS)}")
     folder = os.path.dirname(os.path.abspath(csv_path))
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames
-        if not header:
-            raise UserInputError(f"{csv_path} is empty: expected the header {','.join(TRIPLETS_COLUMNS)} and one "
-                                 f"row per (source, text, target) triplet")
-        header = [h.strip() for h in header]
-        missing = [c for c in TRIPLETS_COLUMNS if c not in header]
-        if missing:
-            raise UserInputError(f"{csv_path}: the header lacks the column{'s' if len(missing) > 1 else ''} "
-                                 f"{', '.join(missing)}; expected {','.join(TRIPLETS_COLUMNS)}")
-        reader.fieldnames = header
-        rows = []
-        for raw in reader:
-            line = reader.line_num
-            row = {c: (raw.get(c) or "").strip() for c in TRIPLETS_COLUMNS}
-            if not any(row.values()):
-                continue  # a blank line
-            empty = [c for c in TRIPLETS_COLUMNS if not row[c]]
-            if empty:
-                raise UserInputError(f"{csv_path}, line {line}: empty {', '.join(empty)}")
-            if row["split"] not in TRIPLETS_SPLITS:
-                raise UserInputError(f"{csv_path}, line {line}: unknown split {row['split']!r}; use "
-                                     f"{', '.join(TRIPLETS_SPLITS)}")
-            for c in ("source", "target"):
-                row[c] = os.path.normpath(os.path.join(folder, os.path.expanduser(row[c])))
-            row["line"] = line
-            rows.append(row)
+    reader = csv.reader(io.StringIO(_read_utf8_text(csv_path), newline=""))
+    try:
+        header = next((r for r in reader if any(c.strip() for c in r)), None)  # blank lines before it skipped
+        columns, width = _header_columns(csv_path, header)
+        rows = [row for raw in reader
+                if (row := _checked_row(csv_path, raw, reader.line_num, columns, width, folder))]
+    except csv.Error as exc:
+        raise UserInputError(f"{csv_path}, line {reader.line_num}: not valid CSV ({exc}); write one "
+                             f"{','.join(TRIPLETS_COLUMNS)} row a line, quoting cells that hold commas") from None
     if not rows:
         raise UserInputError(f"{csv_path} has a header but no rows: add one row per (source, text, target) triplet")
     absent: dict[str, int] = {}  # missing image -> first line naming it
@@ -79,6 +63,59 @@ def read_triplets_csv(csv_path: str) -> list[dict]:
     return rows
 
 
+def _header_columns(csv_path: str, header: list[str] | None) -> tuple[dict[str, int], int]:
+    """``(column name -> position of each of TRIPLETS_COLUMNS, number of header fields)`` of the header row;
+    one-line errors for no header, or one lacking or repeating a column."""
+    if not header:
+        raise UserInputError(f"{csv_path} is empty: expected the header {','.join(TRIPLETS_COLUMNS)} and one "
+                             f"row per (source, text, target) triplet")
+    header = [h.strip() for h in header]
+    missing = [c for c in TRIPLETS_COLUMNS if c not in header]
+    if missing:
+        raise UserInputError(f"{csv_path}: the header lacks the column{'s' if len(missing) > 1 else ''} "
+                             f"{', '.join(missing)}; expected {','.join(TRIPLETS_COLUMNS)}")
+    repeated = [c for c in TRIPLETS_COLUMNS if header.count(c) > 1]
+    if repeated:
+        raise UserInputError(f"{csv_path}: the header names {', '.join(repeated)} more than once; expected "
+                             f"{','.join(TRIPLETS_COLUMNS)} once each")
+    return {c: header.index(c) for c in TRIPLETS_COLUMNS}, len(header)
+
+
+def _checked_row(csv_path: str, raw: list[str], line: int, columns: dict[str, int], width: int,
+                 folder: str) -> dict | None:
+    """The row ``{source, text, target, split, line}`` of the CSV fields ``raw`` (paths made absolute), None for
+    a blank line; one-line errors for a wrong number of fields, an empty cell or an unknown split."""
+    if not any(c.strip() for c in raw):
+        return None  # a blank line
+    needed = max(columns[c] for c in TRIPLETS_COLUMNS) + 1
+    if len(raw) < needed or any(c.strip() for c in raw[width:]):
+        raise UserInputError(f"{csv_path}, line {line}: {len(raw)} fields, the header has {width}; quote a cell "
+                             f"that holds a comma (\"make it red, and bigger\")")
+    row: dict[str, Any] = {c: raw[columns[c]].strip() for c in TRIPLETS_COLUMNS}
+    empty = [c for c in TRIPLETS_COLUMNS if not row[c]]
+    if empty:
+        raise UserInputError(f"{csv_path}, line {line}: empty {', '.join(empty)}")
+    if row["split"] not in TRIPLETS_SPLITS:
+        raise UserInputError(f"{csv_path}, line {line}: unknown split {row['split']!r}; use "
+                             f"{', '.join(TRIPLETS_SPLITS)}")
+    for c in ("source", "target"):
+        row[c] = os.path.normpath(os.path.join(folder, os.path.expanduser(row[c])))
+    row["line"] = line
+    return row
+
+
+def warn_self_targets(csv_path: str, rows: Sequence[dict]) -> int:
+    """Logs one warning when rows of the file have the target equal to the source (their source is ranked last,
+    so they can never be hits and lower recall); the rows are kept. Returns their count."""
+    same = [r["line"] for r in rows if r["source"] == r["target"]]
+    if same:
+        n = len(same)
+        consequence = "they can never be hits and lower recall" if n > 1 else "it can never be a hit and lowers recall"
+        logger.warning("%s: %d row%s the target equal to the source (first at line %d); %s", csv_path, n,
+                       "s have" if n > 1 else " has", min(same), consequence)
+    return len(same)
+
+
 class Triplets(_RetrievalDataset):
     """Your own (source image, modification text, target image) triplets, listed in ``<path>/triplets.csv`` with
     the header ``source,text,target,split`` (split: train, val or test; image paths relative to the file's folder
@@ -88,20 +125,26 @@ class Triplets(_RetrievalDataset):
     image that appears in its rows, as source or target, once each, in sorted path order; a query is a row, its
     hit the row's target image (by path), its own source image ranked last; recall@1, 5, 10, 50, and 100 when the
     gallery has more than 100 images, as ``recall_top{k}_correct_composition``. The ``test`` split evaluates; a
-    file without test rows evaluates on its ``val`` rows.
+    file without test rows evaluates on its ``val`` rows. A file's rows whose target is their source are kept, with
+    one warning (``warn_self_targets``). ``file_rows``: the file's rows as ``read_triplets_csv`` returned them, to
+    build several splits from one reading (and one warning); None reads the file.
     """
 
     name = "triplets"
     items_per_source = 1
 
     def __init__(self, path: str, split: str, image_size: int = DEFAULT_IMAGE_SIZE,
-                 use_complete_text_query: bool = False, seed: int = 0, image_cache: str | None = None) -> None:
+                 use_complete_text_query: bool = False, seed: int = 0, image_cache: str | None = None,
+                 file_rows: list[dict] | None = None) -> None:
         csv_path = triplets_csv_path(path)
         super().__init__(os.path.dirname(os.path.abspath(csv_path)), split, image_size, use_complete_text_query,
                          seed, image_cache)
         if split not in TRIPLETS_SPLITS:
             raise UserInputError(f"triplets split {split!r} is unknown: use {', '.join(TRIPLETS_SPLITS)}")
-        rows = read_triplets_csv(csv_path)
+        if file_rows is None:
+            file_rows = read_triplets_csv(csv_path)
+            warn_self_targets(csv_path, file_rows)
+        rows = self.file_rows = file_rows
         self.csv_path = csv_path
         mine = [r for r in rows if r["split"] == split]
         if not mine and split == "test":
@@ -159,10 +202,11 @@ def build_splits(options: SplitOptions) -> dict[str, Triplets]:
     """``--dataset triplets``: the train rows and the test rows (or the val rows, without test rows). With
     ``--select_on val``: its val rows, with test = its test rows (both needed)."""
     common = options.common()
-    splits = {"train": Triplets(options.path, "train", **common), "test": Triplets(options.path, "test", **common)}
+    train = Triplets(options.path, "train", **common)  # reads the file (and warns) once for all the splits
+    splits = {"train": train, "test": Triplets(options.path, "test", file_rows=train.file_rows, **common)}
     if options.val:
         if splits["test"].split != "test":  # no test rows: the val rows are the test split
             raise UserInputError(f"--select_on val: {triplets_csv_path(options.path)} has no test rows, so its val "
                                  f"rows are the test split; add test rows or pass --select_on test")
-        splits["val"] = Triplets(options.path, "val", **common)
+        splits["val"] = Triplets(options.path, "val", file_rows=train.file_rows, **common)
     return splits
