@@ -53,23 +53,11 @@ class MITStates(_RetrievalDataset):
         self.val_noun_set = self.held_out_nouns(images_dir, int(val_nouns), self.seed)
 
         self.imgs: list[dict] = []
-        # Sorted listings: the original used os.listdir order, which depends on the file system (fix: the image ids
-        # and therefore the pairs are the same on every machine).
-        for folder in sorted(os.listdir(images_dir)):
-            folder_path = os.path.join(images_dir, folder)
-            if " " not in folder or not os.path.isdir(folder_path):
-                continue
-            words = folder.split()
-            if len(words) != 2:
-                # The original crashed on such a folder (tuple unpacking); skip it with a warning instead.
-                logger.warning("skipping MIT-States folder %r: its name is not '<adj> <noun>'", folder_path)
-                continue
-            adj, noun = words
-            if adj == "adj":  # the unlabelled 'adj <noun>' folders, skipped as the original
-                continue
+        for folder, adj, noun in self.labelled_folders(images_dir, warn=True):
             noun_split = "test" if noun in _MIT_TEST_NOUN_SET else "val" if noun in self.val_noun_set else "train"
             if noun_split != split:
                 continue
+            folder_path = os.path.join(images_dir, folder)
             for file_name in sorted(os.listdir(folder_path)):
                 # The original asserted every file ends with 'jpg'; other files are ignored here.
                 if not file_name.lower().endswith(_JPEG_SUFFIXES):
@@ -109,6 +97,38 @@ class MITStates(_RetrievalDataset):
         return "<path>/images/<adj noun>/*.jpg"
 
     @staticmethod
+    def labelled_folders(images_dir: str, warn: bool = False) -> list[tuple[str, str, str]]:
+        """``[(folder, adj, noun)]``: the ``'<adj> <noun>'`` folders under ``images_dir``, sorted by name.
+
+        Skipped: entries that are not folders or have no space in their name, the unlabelled ``'adj <noun>'``
+        folders (as the original), and, with a warning when ``warn``, names of more than two words (the original
+        crashed on them) and names that are not UTF-8 (``os.listdir`` returns their undecodable bytes as lone
+        surrogates, which would reach the vocabulary and the text model).
+        """
+        found = []
+        # Sorted listings: the original used os.listdir order, which depends on the file system (fix: the image ids
+        # and therefore the pairs are the same on every machine).
+        for folder in sorted(os.listdir(images_dir)):
+            folder_path = os.path.join(images_dir, folder)
+            if " " not in folder or not os.path.isdir(folder_path):
+                continue
+            try:
+                folder.encode("utf-8")
+            except UnicodeEncodeError:
+                if warn:
+                    logger.warning("skipping MIT-States folder %r: its name is not UTF-8; rename it in UTF-8",
+                                   folder_path)
+                continue
+            words = folder.split()
+            if len(words) != 2:
+                if warn:
+                    logger.warning("skipping MIT-States folder %r: its name is not '<adj> <noun>'", folder_path)
+                continue
+            if words[0] != "adj":
+                found.append((folder, words[0], words[1]))
+        return found
+
+    @staticmethod
     def held_out_nouns(images_dir: str, n: int, seed: int) -> frozenset[str]:
         """``n`` training nouns (outside the 49 test nouns) drawn with ``seed``: the val split of ``--val_nouns``.
 
@@ -118,11 +138,9 @@ class MITStates(_RetrievalDataset):
         if n <= 0:
             return frozenset()
         adjs: dict[str, set[str]] = {}
-        for folder in os.listdir(images_dir):
-            words = folder.split()
-            if len(words) == 2 and words[0] != "adj" and words[1] not in _MIT_TEST_NOUN_SET \
-                    and os.path.isdir(os.path.join(images_dir, folder)):
-                adjs.setdefault(words[1], set()).add(words[0])
+        for _, adj, noun in MITStates.labelled_folders(images_dir):
+            if noun not in _MIT_TEST_NOUN_SET:
+                adjs.setdefault(noun, set()).add(adj)
         usable = sorted(noun for noun, a in adjs.items() if len(a) >= 2)
         if n >= len(usable):
             raise UserInputError(f"--val_nouns {n}: only {len(usable)} training nouns with two adjectives under "
