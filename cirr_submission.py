@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ import test_retrieval
 from checkpoint import atomic_write
 from datasets import RetrievalTask
 from distributed import distributed_world
+from errors import UserInputError
 from protocols.base import DEFAULT_MAX_CHUNK_ELEMS, normalize_rows, query_chunks, similarities
 
 logger = logging.getLogger("main")
@@ -59,6 +61,30 @@ def submission_dicts(task: RetrievalTask, query_feats: torch.Tensor,
         recall[str(pairid)] = names
         recall_subset[str(pairid)] = subset_names
     return recall, recall_subset
+
+
+def check_submission_dir(folder: str) -> None:
+    """Makes sure ``--submission_dir`` can receive the two files before anything runs: refuses (one line) a regular
+    file, a path below one, a folder that cannot be created or written, or one where either file's name is taken by
+    something other than a file; creates the folder when it is missing."""
+    flag = f"--submission_dir {folder}"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserInputError(f"{flag} is a file, not a folder; pass a folder for the CIRR test1 prediction files")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise UserInputError(f"{flag}: cannot create the folder ({exc.strerror or exc}); pass a folder that can be "
+                             f"created and written") from None
+    for name in (RECALL_FILE, SUBSET_FILE):
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserInputError(f"{flag}: {path} exists and is not a file; remove it or pass another folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"{flag}: cannot write in the folder ({exc.strerror or exc}); pass a writable "
+                             f"folder") from None
 
 
 def write_submission(folder: str, recall: dict, recall_subset: dict) -> list[str]:

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import Sequence
 
+import cirr_submission
 import img_text_composition_models as models
 from checkpoint import read_checkpoint
 from errors import UserInputError
@@ -211,6 +212,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if not args.test_only and args.select_on != "val":
             raise UserInputError("--submission_dir writes the test1 predictions of --test_only True, or of the best "
                                  "checkpoint after training with --select_on val; pass one of them")
+        cirr_submission.check_submission_dir(args.submission_dir)  # before anything runs; created if missing
     elif spec.submission is not None and args.select_on == "val" and not args.test_only:
         raise UserInputError("--select_on val on CIRR makes test1 the test split, which only the CIRR server scores: "
                              "pass --submission_dir DIR for its prediction files")
