@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -114,8 +115,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the mode the flags name and prints its JSON object on stdout (``--report``: the markdown summary);
-    returns the exit status (2 and one ``benchmark.py: error:`` line for bad input; 1 and one ``benchmark.py:
-    internal error:`` line, the traceback in a temporary file, for anything else that fails)."""
+    returns the exit status (2 and one ``benchmark.py: error:`` line for bad input; 130 and one line for Ctrl-C; 1
+    and one ``benchmark.py: internal error:`` line, the traceback in a temporary file, for anything else that
+    fails)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     a = get_args_parser().parse_args(argv)
@@ -124,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"benchmark.py: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("benchmark.py: interrupted; no measurement printed", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
         return report_internal_error("benchmark.py", exc)
 

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -460,7 +461,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 on success; 2 (one ``retrieve.py: error:`` line) for bad input; 1 for an output that
-    cannot be written or features that are not finite; 1 and one ``retrieve.py: internal error:`` line (the
+    cannot be written or features that are not finite; 130 and one line for Ctrl-C; 1 and one ``retrieve.py: internal error:`` line (the
     traceback in a temporary file) for anything else that fails."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -475,6 +476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # a full disk, a write error: not the input's fault
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # every output is written whole or not at all
+        print("retrieve.py: interrupted; every output file is as it was or complete", file=sys.stderr)
+        return 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
         from test_retrieval import NonFiniteFeaturesError  # late: it loads the datasets, which the checks do without
 

@@ -209,3 +209,19 @@ def test_other_entry_points_turn_an_internal_error_into_one_line(program, module
         assert ", in main\n" in assert_traceback_in(path)
     finally:
         os.remove(path)
+
+
+def ctrl_c(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("module, inner, argv, line", [
+    (retrieve, "validate", ["--model_checkpoint", "ck.pth", "--gallery", "g", "--image", "a.jpg", "--text", "red"],
+     "retrieve.py: interrupted; every output file is as it was or complete"),
+    (benchmark, "run", ["--size", "cpu"], "benchmark.py: interrupted; no measurement printed"),
+])
+def test_ctrl_c_is_one_line_and_exit_130(module, inner, argv, line, monkeypatch, capsys):
+    monkeypatch.setattr(module, inner, ctrl_c)
+    rc = module.main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 130 and stderr_lines(err) == [line] and out == ""
