@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -48,7 +49,7 @@ from benchmarks.report import summarize
 from benchmarks.resnet_ceiling import ceiling_main
 from benchmarks.retrieval_speed import retrieve_main
 from benchmarks.train_speed import endless_batches, graph_vs_eager, run
-from errors import UserInputError
+from errors import UserInputError, report_internal_error
 
 # The measurements' names that callers reach through this module (the tests among them).
 __all__ = ["PRESETS", "RANDOM_BERTS", "REFERENCE", "endless_batches", "get_args_parser", "graph_vs_eager", "main",
@@ -114,19 +115,32 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the mode the flags name and prints its JSON object on stdout (``--report``: the markdown summary);
-    returns the exit status (2 and one ``benchmark.py: error:`` line for bad input)."""
+    returns the exit status (2 and one ``benchmark.py: error:`` line for bad input; 130 and one line for Ctrl-C; 1
+    and one ``benchmark.py: internal error:`` line, the traceback in a temporary file, for anything else that
+    fails)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     a = get_args_parser().parse_args(argv)
+    try:
+        return _measure(a)
+    except UserInputError as exc:
+        print(f"benchmark.py: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("benchmark.py: interrupted; no measurement printed", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
+        return report_internal_error("benchmark.py", exc)
+
+
+def _measure(a: argparse.Namespace) -> int:
+    """The work of ``main``: the summary (``--report``) or one measurement, its JSON printed (and written to
+    ``--output``); returns 0."""
     if a.report:
         print(summarize(a.report))
         return 0
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-        try:
-            result = ceiling_main(a) if a.ceiling else retrieve_main(a) if a.mode == "retrieve" else run(a)
-        except UserInputError as exc:
-            print(f"benchmark.py: error: {exc}", file=sys.stderr)
-            return 2
+        result = ceiling_main(a) if a.ceiling else retrieve_main(a) if a.mode == "retrieve" else run(a)
     text = json_text(result)
     if a.output:
         write_output(a.output, text)

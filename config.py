@@ -13,6 +13,7 @@ from typing import Sequence
 import cirr_submission
 import img_text_composition_models as models
 from checkpoint import read_checkpoint
+from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import UserInputError
 from retrieval_datasets.fashioniq import FASHION_IQ_PROTOCOLS
 from retrieval_datasets.registry import DATASET_NAMES, SELECT_ON, dataset_spec
@@ -319,11 +320,12 @@ def take_checkpoint_settings(args: argparse.Namespace, ckpt: dict, given: set[st
 
 
 def prepare_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None, str]:
-    """``(args, ckpt, source)``: the checkpoint of --test_only / --resume read, its settings taken, the defaults
-    resolved."""
+    """``(args, ckpt, source)``: the checkpoint of --test_only / --resume read and checked (``read_checkpoint``,
+    ``validate_checkpoint_settings``), its settings taken, the defaults resolved."""
     source = args.model_checkpoint if args.test_only else args.resume
     ckpt = read_checkpoint(source, resume=not args.test_only) if source else None
     if ckpt is not None:
+        validate_checkpoint_settings(recorded_settings(ckpt), source)  # before any setting sizes a tensor
         args = take_checkpoint_settings(args, ckpt, given, source, resume=not args.test_only)
         if not args.test_only and "optimizer" not in ckpt:
             raise UserInputError(f"--resume {source} holds no optimizer state (a best_checkpoint.pth, or the original "

@@ -15,6 +15,7 @@ import config
 import img_text_composition_models as models
 import text_model
 from checkpoint import read_checkpoint
+from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import UserInputError
 from distributed import convert_to_global_batchnorm, distributed_world
 from retrieval_datasets.base import SplitOptions
@@ -189,17 +190,29 @@ def build_experiment(args, device: torch.device, ckpt: dict | None = None, sourc
                       valset)
 
 
+def read_model_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path`` to build a model from: read and checked (``checkpoint.read_checkpoint``), its
+    settings that size the model checked too (``checkpoint_settings.validate_checkpoint_settings``); a bad file is
+    one UserInputError naming it and the field."""
+    ckpt = read_checkpoint(path)
+    validate_checkpoint_settings(recorded_settings(ckpt), path)
+    return ckpt
+
+
 def model_from_checkpoint(path: str, device: torch.device, *, bert_model: str | None = None,
-                          texts: Sequence[str] = ()) -> tuple[torch.nn.Module, Any, dict]:
+                          texts: Sequence[str] = (), ckpt: dict | None = None) -> tuple[torch.nn.Module, Any, dict]:
     """``(model, args, ckpt)``: the model a checkpoint describes, built from the checkpoint's own settings
     (``config.checkpoint_args``, as --test_only and --resume take them) by ``build_model``, with its weights, on
     ``device``, in eval mode.
 
-    Every weight comes from the checkpoint, so no ImageNet weights are fetched, and BERT only for a BERT model:
-    from the checkpoint's ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of
-    the original code holds no vocabulary: ``texts`` (the training texts) rebuild it.
+    The checkpoint is read and checked by ``read_model_checkpoint``, unless ``ckpt`` is what that function returned
+    for ``path`` already (so that a caller that checks it early reads the file once). Every weight comes from the
+    checkpoint, so no ImageNet weights are fetched, and BERT only for a BERT model: from the checkpoint's
+    ``--bert_model`` unless ``bert_model`` names another place for it. An LSTM checkpoint of the original code holds
+    no vocabulary: ``texts`` (the training texts) rebuild it.
     """
-    ckpt = read_checkpoint(path)
+    if ckpt is None:
+        ckpt = read_model_checkpoint(path)
     args = config.checkpoint_args(ckpt)
     if bert_model:
         args.bert_model = bert_model

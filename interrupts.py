@@ -1,5 +1,8 @@
-"""Stopping on a signal between two training steps: SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGUSR1 (SLURM's
---signal=USR1@60) are recorded by ``interrupt_flag``; the training loop then saves and raises ``Interrupted``."""
+"""Stopping on a signal: SIGINT (Ctrl-C), SIGTERM (pre-emption) and SIGUSR1 (SLURM's --signal=USR1@60).
+
+During training they are recorded by ``interrupt_flag``; the training loop then saves between two steps and raises
+``Interrupted``. During an evaluation (``--test_only``), ``stop_evaluation_on_interrupt`` raises
+``EvaluationInterrupted`` at once: an evaluation that did not finish writes nothing."""
 from __future__ import annotations
 
 import contextlib
@@ -25,31 +28,64 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
+class EvaluationInterrupted(Exception):
+    """An evaluation of ``checkpoint`` stopped on signal ``signum`` before it finished (nothing was written)."""
+
+    def __init__(self, signum: int, checkpoint: str):
+        self.signum, self.checkpoint = signum, checkpoint
+        super().__init__(f"{signal.Signals(signum).name} during the evaluation of {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 128 + the signal's number (130 SIGINT, 143 SIGTERM, 138 SIGUSR1)."""
+        return 128 + self.signum
+
+
 @contextlib.contextmanager
-def interrupt_flag() -> Iterator[dict[str, int]]:
-    """Installs handlers of ``INTERRUPT_SIGNALS`` that only record the signal (``flag['signum']``), so the loop can
-    stop between two steps; a second signal raises KeyboardInterrupt at once. The previous handlers come back on
-    exit. Outside the main thread (where Python cannot install handlers) nothing is installed."""
-    flag = {"signum": 0}
+def _handlers(handler) -> Iterator[None]:
+    """``handler`` for every signal of ``INTERRUPT_SIGNALS`` this platform has, the previous handlers back on exit.
+    Outside the main thread (where Python cannot install handlers) nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield
         return
-
-    def handler(signum, frame):
-        if flag["signum"]:
-            raise KeyboardInterrupt
-        flag["signum"] = signum
-
     previous = {}
     for name in INTERRUPT_SIGNALS:
         sig = getattr(signal, name, None)
         if sig is not None:
             previous[sig] = signal.signal(sig, handler)
     try:
-        yield flag
+        yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def interrupt_flag() -> Iterator[dict[str, int]]:
+    """Installs handlers of ``INTERRUPT_SIGNALS`` that only record the signal (``flag['signum']``), so the loop can
+    stop between two steps; a second signal raises KeyboardInterrupt at once. The previous handlers come back on
+    exit. Outside the main thread (where Python cannot install handlers) nothing is installed."""
+    flag = {"signum": 0}
+
+    def handler(signum, frame):
+        if flag["signum"]:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    with _handlers(handler):
+        yield flag
+
+
+@contextlib.contextmanager
+def stop_evaluation_on_interrupt(checkpoint: str) -> Iterator[None]:
+    """Installs handlers of ``INTERRUPT_SIGNALS`` that raise ``EvaluationInterrupted(signum, checkpoint)`` at once
+    (an evaluation has no step to finish and nothing to save). The previous handlers come back on exit; outside
+    the main thread nothing is installed."""
+    def handler(signum, frame):
+        raise EvaluationInterrupted(signum, checkpoint)
+
+    with _handlers(handler):
+        yield
 
 
 def agree_on_signal(flag: dict[str, int], device: torch.device) -> int:

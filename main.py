@@ -28,16 +28,22 @@ import torch
 import cirr_submission
 from checkpoint import WriteFailed, restart_from_checkpoint
 from config import parse_args, prepare_args
-from distributed import init_distributed
+from distributed import distributed_world, init_distributed
+from errors import UserInputError, report_internal_error
 from factory import build_experiment, cirr_test1, run_info
+from interrupts import EvaluationInterrupted, Interrupted, stop_evaluation_on_interrupt
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, run_folder
 from test_retrieval import NonFiniteFeaturesError
-from errors import UserInputError
-from distributed import distributed_world
-from training import (Interrupted, TrainingDiverged, best_metric_name, best_score, evaluate_all,
-                      evaluate_best_on_test, metric_names, train)
+from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
+                      metric_names, train)
 
 logger = logging.getLogger("main")
+
+PROG = "main.py"
+# Failures of a run that are not the program's fault: one ``main.py: error:`` line (2 for bad input, else 1).
+RUN_FAILURES = (UserInputError, TrainingDiverged, WriteFailed, NonFiniteFeaturesError)
+# Stops on a signal: one ``main.py: <SIGNAL>:`` line, exit 128 + the signal's number.
+STOPS = (Interrupted, EvaluationInterrupted)
 
 
 def eval_splits(args, tasks: dict) -> dict:
@@ -59,6 +65,9 @@ def run_main(args: argparse.Namespace, given: set[str] | None = None) -> int:
     ``args`` as the parser gives them (flags not given are None or their defaults; resolved args work too) and
     ``given``, the flags the user set (``parse_args``): --test_only and --resume take every other setting of the
     run from the checkpoint (``take_checkpoint_settings``).
+
+    An unexpected exception once the run folder exists is reported here (``errors.report_internal_error``: one
+    line, exit code 1), with its traceback in the run's out.log where a failed run keeps its folder.
     """
     early = LogBuffer()  # what is logged before the run folder exists goes into its out.log too
     logging.getLogger().addHandler(early)
@@ -84,9 +93,10 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
     names = metric_names(exp.tasks)
     # a bad --best_metric stops here, before any step
     score_name = best_metric_name(names, args.best_metric, args.select_on) if not args.test_only else ""
+    start = None  # --resume: the ResumeState that train continues from
     if ckpt is not None and not args.test_only:
-        ckpt = restart_from_checkpoint(ckpt, source, model=model, optimizer=optimizer, scheduler=scheduler,
-                                       num_iters=args.num_iters)  # from here on: the ResumeState train continues
+        start = restart_from_checkpoint(ckpt, source, model=model, optimizer=optimizer, scheduler=scheduler,
+                                        num_iters=args.num_iters)
 
     folder, created = choose_run_folder(args, rank, world)
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
@@ -96,18 +106,19 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
         logger.info("log files saved to %s", folder)
         if args.test_only:
             return evaluate_checkpoint(args, model, tasks, device, run, int(ckpt.get("it", 0)))
-        if ckpt is not None:
+        if start is not None:
             logger.info("resuming from %s at iteration %d", args.resume, ckpt["it"])
         step_model = model
         if world > 1:
             step_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
-        metrics = train(args, model, optimizer, scheduler, exp.trainset, tasks, run, device, ckpt, step_model)
+        metrics = train(args, model, optimizer, scheduler, exp.trainset, tasks, run, device, start, step_model)
         if args.select_on == "val":
             metrics = evaluate_best_on_test(args, model, tasks, exp.testset, run, device)
     except BaseException as exc:
-        failed = (UserInputError, TrainingDiverged, WriteFailed, NonFiniteFeaturesError)
-        run.abort(f"main.py: error: {exc}" if isinstance(exc, failed) else "")
+        run.abort(f"{PROG}: error: {exc}" if isinstance(exc, RUN_FAILURES) else "")
+        if isinstance(exc, Exception) and not isinstance(exc, RUN_FAILURES + STOPS):
+            return report_internal_error(PROG, exc, kept_out_log(run))
         raise
     finally:
         run.release()
@@ -118,6 +129,13 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
         logger.info("finished training; checkpoints and metrics.json in %s", folder)
     run.close(metrics, args.num_iters)
     return 0
+
+
+def kept_out_log(run: Run) -> str | None:
+    """The out.log of ``run`` where it is still on disk after ``run.abort`` (a run that failed before its first
+    step leaves no folder); None on the processes that do not write (rank > 0)."""
+    path = os.path.join(run.folder, "out.log")
+    return path if run.enabled and os.path.isfile(path) else None
 
 
 def choose_run_folder(args: argparse.Namespace, rank: int, world: int) -> tuple[str, bool]:
@@ -154,8 +172,10 @@ def selection_score(args: argparse.Namespace) -> Callable[[dict], float]:
 def evaluate_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tasks: dict, device: torch.device,
                         run: Run, it: int) -> int:
     """--test_only: evaluates ``tasks`` once (iteration ``it`` of the checkpoint), writes the CIRR server's
-    prediction files with --submission_dir, closes ``run``; returns the exit code 0."""
-    metrics = evaluate_all(args, model, tasks, device, run, it)
+    prediction files with --submission_dir, closes ``run``; returns the exit code 0. A signal during the
+    evaluation raises ``EvaluationInterrupted`` (the run, not started, then leaves no folder)."""
+    with stop_evaluation_on_interrupt(args.model_checkpoint):
+        metrics = evaluate_all(args, model, tasks, device, run, it)
     run.started = True
     run.metrics(metrics, it)
     if args.submission_dir:
@@ -178,6 +198,9 @@ def resume_command(argv: Sequence[str], checkpoint: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: 0 on success; 2 and one ``main.py: error:`` line for bad input; 1 and one line for a run
+    that failed (diverged, a write that failed, features that are not finite); 128 + the signal's number and one
+    line for a signal; 1 and one ``main.py: internal error:`` line for anything else (``report_internal_error``)."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[TqdmLogHandler()])
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -187,28 +210,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run_main(args, given)
     except UserInputError as exc:
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except (TrainingDiverged, WriteFailed, NonFiniteFeaturesError) as exc:  # a run that failed, not bad input
-        print(f"main.py: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except Interrupted as exc:
-        name = signal.Signals(exc.signum).name
-        if exc.checkpoint:
-            unsaved = "" if exc.saved else " (its weights are not finite: nothing saved)"
-            print(f"main.py: {name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
-                  f"{resume_command(argv, exc.checkpoint)}", file=sys.stderr)
-        else:
-            print(f"main.py: {name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from",
-                  file=sys.stderr)
+    except STOPS as exc:
+        print(f"{PROG}: {stop_line(exc, argv)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("main.py: interrupted; stopped without writing a checkpoint (any written before is intact)",
+        print(f"{PROG}: interrupted; stopped without writing a checkpoint (any written before is intact)",
               file=sys.stderr)
         return 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 (the last resort, before the run folder exists: traceback in a file)
+        return report_internal_error(PROG, exc)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def stop_line(exc: Interrupted | EvaluationInterrupted, argv: Sequence[str]) -> str:
+    """What main.py says (after ``main.py: ``) when a signal stopped it: the signal, where, and what is left."""
+    name = signal.Signals(exc.signum).name
+    if isinstance(exc, EvaluationInterrupted):
+        return f"{name}: interrupted during the evaluation of {exc.checkpoint}; nothing written"
+    if exc.checkpoint:
+        unsaved = "" if exc.saved else " (its weights are not finite: nothing saved)"
+        return (f"{name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
+                f"{resume_command(argv, exc.checkpoint)}")
+    return f"{name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -33,9 +34,8 @@ import torch
 
 import config
 import distributed
-from checkpoint import WriteFailed, read_checkpoint
-from checkpoint_settings import recorded_settings, validate_checkpoint_settings
-from errors import UserInputError
+from checkpoint import WriteFailed
+from errors import UserInputError, report_internal_error
 from gallery import IMAGE_SUFFIXES, file_sha256, load_index, read_index_file, save_index, scan_gallery, write_file
 
 logger = logging.getLogger("retrieve")
@@ -435,15 +435,15 @@ def run(args: argparse.Namespace) -> int:
     files, skipped = scan_gallery(args.gallery)
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
-    validate_checkpoint_settings(recorded_settings(read_checkpoint(args.model_checkpoint)), args.model_checkpoint)
+    ckpt = factory.read_model_checkpoint(args.model_checkpoint)  # a bad checkpoint is refused before any work
     device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
     if args.dataset_path:
-        margs = config.checkpoint_args(read_checkpoint(args.model_checkpoint))
+        margs = config.checkpoint_args(ckpt)
         margs.dataset_path = args.dataset_path
         texts = factory.build_datasets(margs)[0].get_all_texts()
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
-                                                    texts=texts)
+                                                    texts=texts, ckpt=ckpt)
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
                 "model": str(margs.model)}
     files, gallery_feats, query_feats = gallery_features(args, model, int(margs.image_size), identity, files,
@@ -461,7 +461,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: 0 on success; 2 (one ``retrieve.py: error:`` line) for bad input; 1 for an output that
-    cannot be written or features that are not finite."""
+    cannot be written or features that are not finite; 130 and one line for Ctrl-C; 1 and one ``retrieve.py: internal error:`` line (the
+    traceback in a temporary file) for anything else that fails."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = get_args_parser().parse_args(argv)
@@ -475,13 +476,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # a full disk, a write error: not the input's fault
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:
-        from test_retrieval import NonFiniteFeaturesError
+    except KeyboardInterrupt:  # every output is written whole or not at all
+        print("retrieve.py: interrupted; every output file is as it was or complete", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
+        from test_retrieval import NonFiniteFeaturesError  # late: it loads the datasets, which the checks do without
 
-        if not isinstance(exc, NonFiniteFeaturesError):
-            raise
-        print(f"retrieve.py: error: {exc}", file=sys.stderr)  # a checkpoint with diverged weights: no ranking
-        return 1
+        if isinstance(exc, NonFiniteFeaturesError):  # a checkpoint with diverged weights: no ranking
+            print(f"retrieve.py: error: {exc}", file=sys.stderr)
+            return 1
+        return report_internal_error("retrieve.py", exc)
 
 
 if __name__ == "__main__":
