@@ -174,12 +174,13 @@ def evaluate_checkpoint(args: argparse.Namespace, model: torch.nn.Module, tasks:
     """--test_only: evaluates ``tasks`` once (iteration ``it`` of the checkpoint), writes the CIRR server's
     prediction files with --submission_dir, closes ``run``; returns the exit code 0. A signal during the
     evaluation raises ``EvaluationInterrupted`` (the run, not started, then leaves no folder)."""
+    test1 = cirr_test1(args) if args.submission_dir else None  # its files are checked before the evaluation
     with stop_evaluation_on_interrupt(args.model_checkpoint):
         metrics = evaluate_all(args, model, tasks, device, run, it)
     run.started = True
     run.metrics(metrics, it)
-    if args.submission_dir:
-        cirr_submission.write_test1_submission(args, model, cirr_test1(args), device)
+    if test1 is not None:
+        cirr_submission.write_test1_submission(args, model, test1, device)
     run.close(metrics, it)
     return 0
 

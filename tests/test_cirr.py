@@ -3,6 +3,7 @@
 captions, non-square images of different sizes), and the test-server submission files."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -171,6 +172,15 @@ def test_cli_val_protocol_select_on_val_and_submission(run_main, cirr, tmp_path)
                                                     "--submission_dir", str(tmp_path / "sub_val")])
     assert rc == 0 and "     val recall_subset_top1_correct_composition" in out and "     test " not in out
     _check_submission(str(tmp_path / "sub_val"), test1)
+    # a test1 file that repeats a pairid is refused before --test_only evaluates anything
+    (cap,) = glob.glob(os.path.join(cirr, "**", "cap.rc2.test1.json"), recursive=True)
+    entries = json.load(open(cap))
+    entries[1]["pairid"] = entries[0]["pairid"]
+    json.dump(entries, open(cap, "w"))
+    rc, out = run_main(_flags(cirr, tmp_path / "d") + ["--test_only", "True", "--model_checkpoint", ckpt,
+                                                    "--submission_dir", str(tmp_path / "sub_dup")])
+    assert rc == 2 and "recall" not in out
+    assert [files for _, _, files in os.walk(tmp_path / "d") if files] == []  # no evaluation folder left
 
 
 def test_cli_select_on_val_needs_a_submission_dir(cirr, tmp_path, capsys):
