@@ -336,8 +336,9 @@ def restart_from_checkpoint(ckpt: dict, source: str, *, model: torch.nn.Module, 
     training continues. As DINO's ``restart_from_checkpoint``, in one place for every resumed object.
 
     The model's weights are not loaded here: ``factory.build_experiment`` builds the model with them (from the
-    same ``ckpt``), before the optimizer is restored. Non-finite weights or optimizer state are refused; a
-    checkpoint at or past ``num_iters`` is warned about (it trains nothing more).
+    same ``ckpt``), before the optimizer is restored. Non-finite weights or optimizer state are refused.
+    ``num_iters`` is not read here: a checkpoint at or past it trains nothing, which ``training.train`` tells as the
+    run's last line.
     """
     _check_fits(ckpt, source, model, optimizer, scheduler)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -347,9 +348,6 @@ def restart_from_checkpoint(ckpt: dict, source: str, *, model: torch.nn.Module, 
     if bad:
         raise UserInputError(f"--resume {source}: {len(bad)} of its tensors are not finite (e.g. {bad[0]}); resume "
                              f"from an earlier checkpoint")
-    if num_iters is not None and ckpt["it"] >= num_iters:
-        logger.warning("--resume %s is at iteration %d already: --num_iters %d trains nothing more",
-                       source, ckpt["it"], num_iters)
     return ResumeState(it=ckpt["it"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"], best=ckpt["best"])
 
 

@@ -30,7 +30,7 @@ from checkpoint import WriteFailed, restart_from_checkpoint
 from config import parse_args, prepare_args
 from distributed import init_distributed
 from factory import build_experiment, cirr_test1, run_info
-from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, run_folder
+from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, print_last, run_folder
 from test_retrieval import NonFiniteFeaturesError
 from errors import UserInputError
 from distributed import distributed_world
@@ -196,11 +196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         name = signal.Signals(exc.signum).name
         if exc.checkpoint:
             unsaved = "" if exc.saved else " (its weights are not finite: nothing saved)"
-            print(f"main.py: {name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
-                  f"{resume_command(argv, exc.checkpoint)}", file=sys.stderr)
+            print_last(f"main.py: {name}: interrupted at iteration {exc.it}{unsaved}; resume with: "
+                       f"{resume_command(argv, exc.checkpoint)}")
         else:
-            print(f"main.py: {name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from",
-                  file=sys.stderr)
+            print_last(f"main.py: {name}: interrupted at iteration {exc.it}; no finite checkpoint to resume from")
         return exc.exit_code
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         print("main.py: interrupted; stopped without writing a checkpoint (any written before is intact)",
