@@ -20,6 +20,7 @@ def echo(line: str) -> None:
     """Prints a console line on stdout (on a line of its own, never glued onto a progress bar) and appends it to
     the out.log of every open run."""
     tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # a log file that holds stdout and stderr keeps them in order
     to_out_logs(line)
 
 
