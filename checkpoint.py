@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -17,7 +16,6 @@ import torch
 from errors import UserInputError
 from distributed import distributed_world
 
-logger = logging.getLogger("main")
 
 # The largest iteration, epoch or batch count a checkpoint may hold: seeding.py's stream tags assume epochs and
 # indices below 2**40, and TensorBoard's steps are int64.
