@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import logging
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -17,7 +16,6 @@ import torch
 from errors import UserInputError
 from distributed import distributed_world
 
-logger = logging.getLogger("main")
 
 # The largest iteration, epoch or batch count a checkpoint may hold: seeding.py's stream tags assume epochs and
 # indices below 2**40, and TensorBoard's steps are int64.
@@ -329,15 +327,15 @@ class ResumeState(TypedDict):
 
 
 def restart_from_checkpoint(ckpt: dict, source: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                            scheduler, num_iters: int | None = None) -> ResumeState:
+                            scheduler) -> ResumeState:
     """Restores the training state of checkpoint ``source`` (``ckpt``, as ``read_checkpoint(source, resume=True)``
     read and checked it) into ``optimizer``, ``scheduler`` and this process's random generators, after checking
     that it fits them (``_check_fits``: parameter groups, state shapes, schedule, generator sizes); returns where
     training continues. As DINO's ``restart_from_checkpoint``, in one place for every resumed object.
 
     The model's weights are not loaded here: ``factory.build_experiment`` builds the model with them (from the
-    same ``ckpt``), before the optimizer is restored. Non-finite weights or optimizer state are refused; a
-    checkpoint at or past ``num_iters`` is warned about (it trains nothing more).
+    same ``ckpt``), before the optimizer is restored. Non-finite weights or optimizer state are refused. A
+    checkpoint at or past ``--num_iters`` trains nothing, which ``training.train`` tells as the run's last line.
     """
     _check_fits(ckpt, source, model, optimizer, scheduler)
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -347,9 +345,6 @@ def restart_from_checkpoint(ckpt: dict, source: str, *, model: torch.nn.Module, 
     if bad:
         raise UserInputError(f"--resume {source}: {len(bad)} of its tensors are not finite (e.g. {bad[0]}); resume "
                              f"from an earlier checkpoint")
-    if num_iters is not None and ckpt["it"] >= num_iters:
-        logger.warning("--resume %s is at iteration %d already: --num_iters %d trains nothing more",
-                       source, ckpt["it"], num_iters)
     return ResumeState(it=ckpt["it"], epoch=ckpt["epoch"], batch_in_epoch=ckpt["batch_in_epoch"], best=ckpt["best"])
 
 

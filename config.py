@@ -4,11 +4,14 @@ registry entry: ``retrieval_datasets.registry``), their checks, and the settings
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import sys
 from typing import Sequence
+
+import torch
 
 import cirr_submission
 import img_text_composition_models as models
@@ -27,10 +30,12 @@ DESCRIPTION = "Train and evaluate ComposeAE / TIRG composed image retrieval mode
 # Original defaults of the flags that a dataset's preset changes (None in the parser means "not given").
 ORIGINAL_DEFAULTS = dict(
     model="composeAE", use_bert=False, loss="soft_triplet", num_iters=160000, learning_rate_decay_frequency=9999999,
-    loader_num_workers=4, log_dir="../logs/", image_size=224, image_weights="imagenet",
+    loader_num_workers=4, image_size=224, image_weights="imagenet",
     bert_model="bert-base-uncased", train_eval_queries=9600, eval_every=0, save_every=0,
     use_complete_text_query=False, weight_decay=1e-6,
 )
+# Flags that say nothing about the run (-f: Jupyter's kernel file): left out of TensorBoard's args card and HParams.
+TENSORBOARD_LEFT_OUT = ("f",)
 # The embedded default (--dataset synthetic): a run that finishes in a few minutes on a 2-core CPU with no download.
 SYNTHETIC_PRESET = dataset_spec("synthetic").preset
 
@@ -123,7 +128,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay (default: 1e-06)" + syn.format(5e-5))
     g.add_argument("--batch_size", type=int, default=32, help="training batch size (global, over all processes)")
     g.add_argument("--num_iters", type=int, default=None,
-                   help="training iterations, exactly (default: 160000)" + syn.format(300))
+                   help="the total number of training iterations, exactly; a resumed run continues up to it (default: "
+                        "160000)" + syn.format(300))
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, pairs and triplets")
 
     g = p.add_argument_group("evaluation")
@@ -132,9 +138,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_splits", type=str, default="test",
                    help="with --test_only: the splits to evaluate, comma-separated (test, train)")
     g.add_argument("--eval_every", type=int, default=None,
-                   help="evaluate every N iterations; 0 = after epochs 1, 4, 7, ... as the original (default: 0)" + syn.format(150))
+                   help="evaluate every N iterations; 0 = the dataset's schedule: after epochs 1, 4, 7, ... as the "
+                        f"original on {', '.join(eval_schedule_datasets('epochs_1_4_7'))}; 8 times per run, evenly "
+                        f"spaced, the last at the end, on {', '.join(eval_schedule_datasets('eight_per_run'))} "
+                        "(default: 0)" + syn.format(150))
     g.add_argument("--train_eval_queries", type=int, default=None,
-                   help="seeded sample of training queries for the train-split metrics (default: 9600)" + syn.format(500))
+                   help="seeded sample of training queries for the train-split metrics, at most as many as there are "
+                        "(default: 9600)" + syn.format(500))
     g.add_argument("--eval_batch_size", type=int, default=0, help="evaluation batch size; 0 = --batch_size")
     g.add_argument("--best_metric", type=str, default="auto",
                    help="test metric that picks best_checkpoint.pth; auto = recall_top1_correct_composition, or the "
@@ -150,8 +160,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "after training with --select_on val)")
 
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--log_dir", type=str, default=None,
-                   help="parent of the run folder (TensorBoard, checkpoints, metrics.json) (default: ../logs/)" + syn.format("logs"))
+    g.add_argument("--log_dir", type=str, default="logs",
+                   help="parent of the run folder (TensorBoard, checkpoints, metrics.json)")
     g.add_argument("--comment", type=str, default="", help="suffix of the run folder name")
     g.add_argument("--resume", type=str, default="", help="latest_checkpoint.pth to continue training from, exactly")
     g.add_argument("--save_every", type=int, default=None,
@@ -177,7 +187,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("device and distributed",
                              "several processes: torchrun --nproc_per_node N main.py ... (--batch_size is global)")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
+    g.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0 = torch's default; 1 is faster on a CPU that other jobs share)")
     return p
+
+
+def eval_schedule_datasets(schedule: str) -> list[str]:
+    """The --dataset names whose registry entry evaluates on ``schedule`` with --eval_every 0."""
+    return [name for name in DATASET_NAMES if dataset_spec(name).eval_schedule == schedule]
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads N: torch's intra-op CPU threads (and its inter-op threads, where torch still allows setting them:
+    only before its first parallel work); 0 leaves torch's defaults."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        with contextlib.suppress(RuntimeError):  # inter-op threads are fixed once parallel work has started
+            torch.set_num_interop_threads(args.threads)
 
 
 def default_resnet_lr_scale(dataset: str) -> float:
@@ -188,7 +214,8 @@ def default_resnet_lr_scale(dataset: str) -> float:
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the flags left as None: the dataset's preset (its registry entry: --dataset synthetic's), else the
-    original's defaults; then checks the flags."""
+    original's defaults; then checks the flags and applies --threads (``apply_threads``), before anything heavy
+    runs."""
     spec = dataset_spec(args.dataset)
     for key, value in {**ORIGINAL_DEFAULTS, **spec.preset}.items():
         if getattr(args, key, None) is None:
@@ -219,13 +246,14 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
                              "pass --submission_dir DIR for its prediction files")
     if args.val_nouns < 0:
         raise UserInputError(f"--val_nouns must be >= 0, got {args.val_nouns}")
+    apply_threads(args)
     return args
 
 
 POSITIVE_FLAGS = ("batch_size", "num_iters", "learning_rate_decay_frequency", "image_size", "log_every",
                   "image_embed_dim", "lstm_dim")
 NON_NEGATIVE_FLAGS = ("learning_rate", "resnet_lr_scale", "weight_decay", "loader_num_workers", "train_eval_queries", "save_every",
-                      "eval_every")
+                      "eval_every", "threads")
 FINITE_FLAGS = ("learning_rate", "weight_decay", "loss_weights", "triplet_grad_scale", "resnet_lr_scale")
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from errors import UserInputError
+from progress import progress
 
 logger = logging.getLogger("datasets")
 
@@ -211,8 +212,6 @@ class ImageCache:
         os.replace(tmp_meta, self.meta_file)
 
     def _build(self, num_threads: int | None) -> dict:
-        from tqdm import tqdm
-
         n = len(self.paths)
         tmp = f"{self.data_file}.tmp-{os.getpid()}"
         array = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=self.shape)
@@ -233,8 +232,7 @@ class ImageCache:
         workers = num_threads or min(8, os.cpu_count() or 1)
         try:
             with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-                for result in tqdm(pool.map(decode, range(n)), total=n, desc="image cache", mininterval=1.0,
-                                   disable=n < 1000):
+                for result in progress(pool.map(decode, range(n)), total=n, desc="image cache", disable=n < 1000):
                     if result is not None:
                         bad.append(result)
             array.flush()

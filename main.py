@@ -32,7 +32,7 @@ from distributed import distributed_world, init_distributed
 from errors import UserInputError, report_internal_error
 from factory import build_experiment, cirr_test1, run_info
 from interrupts import EvaluationInterrupted, Interrupted, stop_evaluation_on_interrupt
-from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, run_folder
+from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, print_last, run_folder
 from test_retrieval import NonFiniteFeaturesError
 from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
                       metric_names, train)
@@ -95,8 +95,7 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
     score_name = best_metric_name(names, args.best_metric, args.select_on) if not args.test_only else ""
     start = None  # --resume: the ResumeState that train continues from
     if ckpt is not None and not args.test_only:
-        start = restart_from_checkpoint(ckpt, source, model=model, optimizer=optimizer, scheduler=scheduler,
-                                        num_iters=args.num_iters)
+        start = restart_from_checkpoint(ckpt, source, model=model, optimizer=optimizer, scheduler=scheduler)
 
     folder, created = choose_run_folder(args, rank, world)
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
@@ -217,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except STOPS as exc:
-        print(f"{PROG}: {stop_line(exc, argv)}", file=sys.stderr)
+        print_last(f"{PROG}: {stop_line(exc, argv)}")
         return exc.exit_code
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         print(f"{PROG}: interrupted; stopped without writing a checkpoint (any written before is intact)",

@@ -1,5 +1,6 @@
-"""Run folders and what a run writes into them: ``args.json``, ``out.log``, TensorBoard scalars and images,
-``metrics.json`` and checkpoints, and the console lines (the original's metric lines and a summary table)."""
+"""Run folders and what a run writes into them: ``args.json``, ``out.log``, TensorBoard scalars and images (an
+HParams trial for a training run), ``metrics.json`` and checkpoints, and the console lines (the original's metric
+lines, a summary table and the yardstick line at the end); the console itself is ``console``'s."""
 from __future__ import annotations
 
 import contextlib
@@ -17,17 +18,20 @@ import sys
 from datetime import datetime
 from typing import Callable
 
+import console
 from checkpoint import WriteFailed, atomic_write, save_checkpoint, write_failed
+from config import TENSORBOARD_LEFT_OUT
+# LOG_FORMAT, TqdmLogHandler and print_last: main.py's, through this module
+from console import LOG_FORMAT, LogBuffer, OutLog, TqdmLogHandler, echo, print_last  # noqa: F401
 from errors import UserInputError
+from retrieval_datasets.registry import dataset_spec
 
 logger = logging.getLogger("main")
 LOCK_NAME = "run.lock"
 _TEMP_SUFFIX = re.compile(r"\.tmp-?(\d+)$")  # atomic_write's <name>.tmp<pid>, the image cache's <name>.tmp-<pid>
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 NEW_RUN_ADVICE = "free space or pass --log_dir on another disk"  # what a failed write in a run folder advises
 SUMMARY_KS = (1, 5, 10, 50)  # the summary table's recall cut-offs
 _METRIC = re.compile(r"^(\w+) recall_top(\d+)_correct_(\w+)$")  # '<split> recall_top<k>_correct_<view>'
-_out_logs: list[logging.FileHandler] = []  # the out.log of every open run
 
 
 def run_folder(args, name: str | None = None) -> str:
@@ -180,35 +184,6 @@ def load_history(folder: str) -> list[dict]:
         return []
 
 
-def echo(line: str) -> None:
-    """Prints a console line on stdout (on a line of its own, never glued onto a progress bar) and appends it to
-    the out.log of every open run."""
-    from tqdm import tqdm
-
-    tqdm.write(line, file=sys.stdout)
-    for handler in _out_logs:
-        handler.acquire()
-        try:
-            handler.stream.write(line + "\n")
-            handler.flush()
-        except OSError as exc:
-            raise write_failed(handler.baseFilename, exc, NEW_RUN_ADVICE) from None
-        finally:
-            handler.release()
-
-
-class TqdmLogHandler(logging.StreamHandler):
-    """Logging on stderr through ``tqdm.write``: a log line never glues onto a progress bar."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:  # noqa: BLE001 (logging must never raise)
-            self.handleError(record)
-
-
 def git_commit() -> str | None:
     """The project's git commit (with '+changes' when the work tree differs from it), or None outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -239,33 +214,26 @@ def headline_recall(metrics: dict[str, float], split: str, k: int) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def summary_table(metrics: dict[str, float], it: int, best: dict | None) -> list[str]:
+def summary_table(metrics: dict[str, float], it: int, best: dict | None,
+                  gallery_sizes: dict[str, int] | None = None) -> list[str]:
     """The compact table printed after each evaluation: recall@1/5/10/50 in % per split and view, the iteration
-    and the best score so far."""
+    and the best score so far. A recall@k with k at or above its split's gallery size (``gallery_sizes``: split ->
+    gallery images) is left out (it is 100% by construction); a column left with no value is dropped."""
+    sizes = gallery_sizes or {}
     rows: dict[tuple[str, str], dict[int, float]] = {}
     for name, value in metrics.items():
         parts = split_metric(name)
-        if parts and parts[1] in SUMMARY_KS:
+        if parts and parts[1] in SUMMARY_KS and parts[1] < sizes.get(parts[0], math.inf):
             rows.setdefault((parts[0], parts[2]), {})[parts[1]] = value
+    ks = [k for k in SUMMARY_KS if any(k in recalls for recalls in rows.values())]
     width = max([len(f"{s} {v}") for s, v in rows] + [16])
-    lines = [f"{'iteration ' + str(it):<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in SUMMARY_KS) + "  (%)"]
+    lines = [f"{'iteration ' + str(it):<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks) + "  (%)"]
     for (split, view), recalls in rows.items():
-        cells = " ".join(f"{100 * recalls[k]:6.2f}" if k in recalls else f"{'':>6}" for k in SUMMARY_KS)
+        cells = " ".join(f"{100 * recalls[k]:6.2f}" if k in recalls else f"{'':>6}" for k in ks)
         lines.append(f"{split + ' ' + view:<{width}} {cells}")
     if best is not None:
         lines.append(f"best so far: {best['metric']} {100 * best['value']:.2f}% at iteration {best['it']}")
     return lines
-
-
-class LogBuffer(logging.Handler):
-    """Keeps the log records of a run's start, for its out.log (the folder is created after the inputs are checked)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 class Run:
@@ -289,6 +257,12 @@ class Run:
         self.started = False
         self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
         self.lock: RunLock | None = None
+        # split -> (gallery images, distinct target classes) of the evaluated splits, for the summary table and the
+        # yardstick (training.evaluate_all)
+        self.galleries: dict[str, tuple[int, int]] = {}
+        self.notes: list[str] = []  # warnings that ``close`` logs as the run's last lines
+        # an evaluation (--test_only) writes its scalars apart from training's: eval/<split>/<metric>
+        self.tag_prefix = "eval/" if getattr(args, "test_only", False) else ""
         self.last_checkpoint: str | None = getattr(args, "resume", "") or None
         if not enabled:
             return
@@ -310,14 +284,13 @@ class Run:
                                  f"--log_dir") from None
         self.lock = RunLock(folder, self.write_advice())  # a second process training in this folder is refused here
         remove_stale_temp_files(folder)
-        self.out_log = logging.FileHandler(os.path.join(folder, "out.log"), encoding="utf-8")
-        self.out_log.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.out_log = OutLog(os.path.join(folder, "out.log"))
         for record in early.records if early is not None else ():
             self.out_log.handle(record)
         if early is not None:
             logging.getLogger().removeHandler(early)
         logging.getLogger().addHandler(self.out_log)
-        _out_logs.append(self.out_log)
+        console.open_out_logs.append(self.out_log)
         self.history = load_history(folder)  # a resumed run keeps its history
         for entry in self.history:
             self._update_best(entry)
@@ -328,7 +301,7 @@ class Run:
         with self._writing(f"the TensorBoard events in {folder}"):
             self.writer = SummaryWriter(folder)
             self.writer.add_text("args", args_table(self.record))
-            self.writer.add_custom_scalars(custom_layout(metric_names))
+            self.writer.add_custom_scalars(custom_layout(metric_names, self.tag_prefix))
 
     def write_advice(self) -> str:
         """What the line of a failed write in this run advises: free space (a new run: or another --log_dir), and,
@@ -367,8 +340,8 @@ class Run:
             self.best = {"metric": self.score_name, "value": value, "it": entry["it"]}
 
     def metrics(self, metrics: dict[str, float], it: int) -> None:
-        """One evaluation: TensorBoard '<split>/<metric>', metrics.json (latest, history, best) and the summary
-        table on the console."""
+        """One evaluation: TensorBoard '<split>/<metric>' (with --test_only 'eval/<split>/<metric>'), metrics.json
+        (latest, history, best) and the summary table on the console."""
         self.history.append({"it": it, **metrics})
         self._update_best(self.history[-1])
         if not self.enabled:
@@ -376,12 +349,13 @@ class Run:
         with self._writing(f"the TensorBoard events in {self.folder}"):
             for name, value in metrics.items():
                 split, _, metric = name.partition(" ")
-                self.writer.add_scalar(f"{split}/{metric}", value, it)
+                self.writer.add_scalar(f"{self.tag_prefix}{split}/{metric}", value, it)
         data = {**self.info, "latest": self.history[-1], "history": self.history}
         if self.best is not None:
             data["best"] = self.best
         write_json(os.path.join(self.folder, "metrics.json"), data, self.write_advice())
-        for line in summary_table(metrics, it, self.best):
+        sizes = {split: size for split, (size, _) in self.galleries.items()}
+        for line in summary_table(metrics, it, self.best, sizes):
             echo(line)
 
     def image(self, tag: str, picture, it: int, file_name: str = "") -> None:
@@ -392,7 +366,7 @@ class Run:
         import numpy as np
 
         with self._writing(f"the TensorBoard events in {self.folder}"):
-            self.writer.add_image(tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
+            self.writer.add_image(self.tag_prefix + tag, np.asarray(picture.convert("RGB")), it, dataformats="HWC")
         if file_name:
             atomic_write(os.path.join(self.folder, file_name), lambda f: picture.save(f, format="PNG"),
                          advice=self.write_advice())
@@ -414,27 +388,56 @@ class Run:
             self.lock = None
 
     def close(self, final: dict[str, float], it: int = 0) -> None:
-        """hparams (the main settings first; metrics: the final and the best test recall@1 and @10), then the
-        files closed and the lock released."""
+        """The end of the run: the yardstick line, for a training run its HParams trial (``_write_trial``), then
+        ``notes`` as the run's last lines (warnings), the files closed and the lock released."""
         self.release()
         if not self.enabled:
             return
-        from torch.utils.tensorboard.summary import hparams
+        line = self.yardstick()
+        if line:
+            echo(line)
+        if not getattr(self.args, "test_only", False):  # an evaluation is no trial of its own
+            with self._writing(f"the TensorBoard events in {self.folder}"):
+                self._write_trial(final, it)
+        for note in self.notes:
+            logger.warning("%s", note)
+        self._release()
 
-        scores = {}
+    def _write_trial(self, final: dict[str, float], it: int) -> None:
+        """The run as a trial of TensorBoard's HParams dashboard, in its own event file: the configuration and the
+        session's start and end (``hparams_session``), and the session metrics (the final and the best headline
+        test recall@1 and @10) as scalars under 'session/', which the dashboard reads."""
+        import hparams_session  # ~0.1 s (TensorBoard's HParams protos): imported by the runs that write, only
+
         if final:
             # the test numbers of the best iteration (with --select_on val: the test evaluation of best_checkpoint)
             best_entries = [e for e in self.history if self.best and e["it"] == self.best["it"]
                             and any(k.startswith("test ") for k in e)]
-            best_entry = best_entries[-1] if best_entries else final
-            for k in (1, 10):
-                scores[f"hparam/test_R@{k}_final"] = headline_recall(final, "test", k)
-                scores[f"hparam/test_R@{k}_best"] = headline_recall(best_entry, "test", k)
-            for tag, value in scores.items():
-                self.writer.add_scalar(tag, value, it)
-        for summary in hparams(hparams_of(self.args), scores):
+            entries = {"final": final, "best": best_entries[-1] if best_entries else final}
+            for tag, _ in hparams_session.SESSION_METRICS:
+                k, which = tag.split("_R@")[1].split("_")
+                self.writer.add_scalar(tag, headline_recall(entries[which], "test", int(k)), it)
+        trial = hparams_session.trial_summaries(self.args, os.path.basename(self.folder))
+        for summary in [*trial, hparams_session.session_end_summary()]:
             self.writer.file_writer.add_summary(summary)
-        self._release()
+
+    def yardstick(self) -> str:
+        """``yardstick: test gallery 240 images, 40 target classes; chance recall@1 2.50%``, for the split that
+        picks the best checkpoint (--select_on; with --test_only: test, else the first evaluated split), from
+        ``galleries``; with the dataset's measured R@1 of its default run (its registry entry's
+        ``reference_recall_at_1``) where one is recorded. '' before any evaluation."""
+        preferred = "test" if getattr(self.args, "test_only", False) else getattr(self.args, "select_on", "test")
+        split = preferred if preferred in self.galleries else next(
+            (s for s in self.galleries if s != "train"), next(iter(self.galleries), None))
+        if split is None:
+            return ""
+        size, classes = self.galleries[split]
+        line = (f"yardstick: {split} gallery {size} images, {classes} target classes; chance recall@1 "
+                f"{100 / max(classes, 1):.2f}%")
+        reference = dataset_spec(self.args.dataset).reference_recall_at_1 if hasattr(self.args, "dataset") else None
+        if reference is not None:
+            line += f"; the default run reaches recall@1 {100 * reference[0]:.1f}-{100 * reference[1]:.1f}%"
+        return line
 
     def abort(self, error: str = "") -> None:
         """A failed run: ``error`` (the line main.py prints) ends its out.log; a run that failed before its first
@@ -443,8 +446,7 @@ class Run:
         if not self.enabled:
             return
         if error and getattr(self, "out_log", None) is not None:
-            with contextlib.suppress(OSError):
-                self.out_log.stream.write(error + "\n")
+            self.out_log.write_line(error)
         self._release(failed=True)
         self.release()
         if self.created and not self.started:
@@ -461,8 +463,7 @@ class Run:
         if getattr(self, "out_log", None) is not None:
             out_log, self.out_log = self.out_log, None
             logging.getLogger().removeHandler(out_log)
-            if out_log in _out_logs:
-                _out_logs.remove(out_log)
+            console.out_log_ended(out_log)
             with quiet, self._writing(out_log.baseFilename):
                 out_log.close()
 
@@ -481,30 +482,18 @@ def _device_name(device) -> str | None:
     return platform.processor() or platform.machine()
 
 
-HPARAMS_FIRST = ("model", "dataset", "loss", "text_encoder", "learning_rate", "batch_size", "weight_decay",
-                 "num_iters", "seed")
-
-
-def hparams_of(args) -> dict:
-    """The run's settings for TensorBoard's hparams table: the main ones first, then every flag."""
-    values = dict(vars(args))
-    values["text_encoder"] = f"bert {values.get('bert_model')}" if values.get("use_bert") else f"lstm {values.get('lstm_dim')}"
-    ordered = {k: values[k] for k in HPARAMS_FIRST if k in values}
-    ordered.update({k: v for k, v in values.items() if k not in ordered})
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in ordered.items()}
-
-
 def args_table(info: dict) -> str:
-    """The args (and the code's version, torch and device) as one markdown table, for one TensorBoard text card."""
-    rows = [(f"--{k}", v) for k, v in info["args"].items()]
+    """The args (but ``config.TENSORBOARD_LEFT_OUT``) and the code's version, torch and device as one markdown
+    table, for one TensorBoard text card."""
+    rows = [(f"--{k}", v) for k, v in info["args"].items() if k not in TENSORBOARD_LEFT_OUT]
     rows += [(k, info[k]) for k in ("git_commit", "torch", "python", "device", "device_name", "host")]
     cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     return "| setting | value |\n|---|---|\n" + "\n".join(f"| {cell(k)} | `{cell(v)}` |" for k, v in rows)
 
 
-def custom_layout(metric_names) -> dict:
+def custom_layout(metric_names, prefix: str = "") -> dict:
     """TensorBoard's custom-scalars layout: train and test recall@1 on one chart, recall@10 on another, and the
-    loss terms together. ``metric_names``: the evaluation's '<split> <metric>' names."""
+    loss terms together. ``metric_names``: the evaluation's '<split> <metric>' names; ``prefix``: of their tags."""
     charts = {}
     for k in (1, 10):
         tags = []
@@ -513,7 +502,7 @@ def custom_layout(metric_names) -> dict:
             if parts and parts[1] == k and (parts[2] == "composition" or not any(
                     split_metric(n) and split_metric(n)[2] == "composition" for n in metric_names)):
                 split, _, metric = name.partition(" ")
-                tags.append(f"{split}/{metric}")
+                tags.append(f"{prefix}{split}/{metric}")
         charts[f"R@{k}"] = ["Multiline", tags]
     charts["losses"] = ["Multiline", [r"loss/.*"]]
     return {"retrieval": charts}

@@ -31,10 +31,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from datasets import RetrievalTask
 from distributed import all_gather_rows, distributed_world
+from progress import progress
 from protocols.base import (DEFAULT_MAX_CHUNK_ELEMS, Protocol, full_fp32_matmul, normalize_rows, recall_at_k,
                             target_ranks_from_sims)
 from protocols.cirr import CIRR_KS, CIRR_SUBSET_KS, CirrProtocol, cirr_metrics
@@ -465,7 +465,7 @@ def _encode_images(model: torch.nn.Module, loader: DataLoader, share: _Share, de
     gallery_buf: torch.Tensor | None = None  # (n_gallery, D) fp32
     state_buf: torch.Tensor | None = None  # (n_sources, ...) the model's state dtype
     start = 0
-    for imgs in tqdm(loader, desc=f"{desc} images", disable=not show):
+    for imgs in progress(loader, desc=f"{desc} images", disable=not show):
         imgs = imgs.to(device, non_blocking=True)  # (B, 3, S, S) uint8
         with autocast:
             embedding, state = model.image_features(imgs)  # (B, D), (B, ...)
@@ -492,7 +492,7 @@ def _compose_queries(model: torch.nn.Module, task: RetrievalTask, share: _Share,
     """The share's queries composed in batches from the kept source states and their texts: the ``'repres'``
     features (q_local, D) fp32, None for no query."""
     query_parts = []
-    for b in tqdm(range(0, len(share.queries), batch_size), desc=f"{desc} queries", disable=not show):
+    for b in progress(range(0, len(share.queries), batch_size), desc=f"{desc} queries", disable=not show):
         batch = share.queries[b:b + batch_size]
         rows = torch.tensor([share.source_row_of[task.query_source[q]] for q in batch]).to(
             device, non_blocking=True)  # (B,) no host sync

@@ -8,16 +8,16 @@ import dataclasses
 import functools
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import NoReturn
 
 import torch
-from tqdm import tqdm
 
 import cirr_submission
 import datasets
+import console
 import img_text_composition_models as models
-import runlog
 import test_retrieval
 import visualize
 from checkpoint import ResumeState, checkpoint_state, evaluation_state, nonfinite_tensors, read_checkpoint
@@ -25,6 +25,8 @@ from cuda_graph import CudaGraphStep, make_train_step  # noqa: F401 (CudaGraphSt
 from distributed import distributed_world
 from errors import UserInputError
 from interrupts import Interrupted, agree_on_signal, ignore_interrupts_in_worker, interrupt_flag
+from progress import interactive, progress, progress_line
+from retrieval_datasets.registry import dataset_spec
 from runlog import Run
 from selection import best_metric_name, best_score, metric_names, new_best, selection_tasks  # noqa: F401 (main.py)
 from sgd_step import train_one_step  # noqa: F401 (re-exported: benchmark.py, tests)
@@ -118,6 +120,43 @@ class Checkpoints:
         raise Interrupted(signum, p.it, self.run.last_checkpoint, saved)
 
 
+class ProgressReport:
+    """What a user sees of training: tqdm's bar on a terminal (``progress.progress``) and, every --log_every
+    iterations, a progress line (``progress.progress_line``: iteration, losses, speed, ETA) in out.log and, where
+    stderr is not a terminal, on stderr. ``enabled``: this process reports (rank 0)."""
+
+    def __init__(self, args, start_it: int, enabled: bool = True):
+        self.args, self.enabled = args, enabled
+        self.console = not interactive()  # no bar: the progress lines go to stderr
+        self.bar = progress(total=args.num_iters, initial=start_it, desc="train", disable=not enabled)
+        self.since, self.steps = time.monotonic(), 0
+
+    def step(self) -> None:
+        """One training step done."""
+        self.bar.update(1)
+        self.steps += 1
+
+    def log(self, it: int, averages: dict[str, float]) -> None:
+        """The progress line at iteration ``it`` with the averaged loss terms ``averages``."""
+        if not self.enabled:
+            return
+        self.bar.set_postfix(loss=f"{averages['total training loss']:.4f}")
+        elapsed = time.monotonic() - self.since
+        speed = self.steps * self.args.batch_size / elapsed if elapsed > 0 else 0.0
+        line = progress_line(it, self.args.num_iters, averages, speed, self.args.batch_size)
+        console.progress_to_logs(line, self.console)
+
+    def restart_clock(self) -> None:
+        """The speed of the next line counts the steps from here on."""
+        self.since, self.steps = time.monotonic(), 0
+
+    def __enter__(self) -> ProgressReport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+
 def make_train_loader(args, trainset, sampler, device: torch.device) -> torch.utils.data.DataLoader:
     """The training DataLoader over ``sampler``'s batches (also used by benchmark.py)."""
     _, world = distributed_world()
@@ -150,13 +189,23 @@ def epoch_batches(loader, sampler, p: Progress, args) -> Iterator[dict]:
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
 
 
+EVALUATIONS_PER_RUN = 8  # the 'eight_per_run' schedule
+
+
 def stages_due(args, it: int, epoch_len: int) -> tuple[bool, bool, bool]:
     """Whether iteration ``it`` logs, evaluates and saves; at --num_iters all three. Evaluation every --eval_every
-    iterations, or (0) as the original tested: at the start of epochs 1, 4, 7, ... (epoch % 3 == 1), i.e. after
-    1, 4, 7 epochs; a checkpoint every --save_every iterations, or (0) every epoch, as the original."""
+    iterations, or (0) on the dataset's schedule (its registry entry's ``eval_schedule``): 'epochs_1_4_7', as the
+    original tested, at the start of epochs 1, 4, 7, ... (epoch % 3 == 1), i.e. after 1, 4, 7 epochs;
+    'eight_per_run', 8 evaluations spread evenly over --num_iters iterations (after ceil(k * num_iters / 8)
+    iterations, k = 1..8; every iteration when num_iters < 8). A checkpoint every --save_every iterations, or (0)
+    every epoch, as the original."""
     last = it == args.num_iters
     if args.eval_every:
         evaluate = it % args.eval_every == 0
+    elif dataset_spec(args.dataset).eval_schedule == "eight_per_run":
+        # the k-th evaluation is at ceil(k * N / 8), i.e. where floor(8 * it / N) steps up
+        n, k = args.num_iters, EVALUATIONS_PER_RUN
+        evaluate = it > 0 and it * k // n > (it - 1) * k // n
     else:
         evaluate = it % epoch_len == 0 and (it // epoch_len) % 3 == 1
     return it % args.log_every == 0 or last, evaluate or last, it % (args.save_every or epoch_len) == 0 or last
@@ -181,10 +230,13 @@ def train(args, model, optimizer, scheduler, trainset, tasks: dict, run: Run, de
     loader = make_train_loader(args, trainset, sampler, device)
     step, step_model = make_train_step(args), step_model or model
     p = Progress(**start) if start is not None else Progress()
+    if start is not None and p.it >= args.num_iters:  # told as the run's last line, where it is seen
+        run.notes.append(f"--resume {args.resume} is at iteration {p.it} already: --num_iters {args.num_iters} "
+                         f"trains nothing more (--num_iters is the total number of iterations)")
     checkpoints, losses, metrics = Checkpoints(args, model, optimizer, scheduler, run), LossSums(), {}
     model.train()
     # the handlers are in place before the progress bar's first line: a signal from then on saves and stops
-    with interrupt_flag() as flag, tqdm_bar(total=args.num_iters, initial=p.it, desc="train", disable=rank != 0) as bar:
+    with interrupt_flag() as flag, ProgressReport(args, p.it, enabled=rank == 0) as report:
         for batch in epoch_batches(loader, sampler, p, args):
             if flag["signum"] and world == 1:
                 checkpoints.stop(flag["signum"], p)  # between two steps: the state is consistent
@@ -193,7 +245,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks: dict, run: Run, de
             run.started = True  # from here on, a failure keeps the run folder
             p.it, p.batch_in_epoch = p.it + 1, p.batch_in_epoch + 1
             losses.add(terms)
-            bar.update(1)
+            report.step()
             log_now, evaluate_now, save_now = stages_due(args, p.it, len(sampler))
             # ============ never log, evaluate or save a diverged model ============
             if log_now or evaluate_now or save_now:
@@ -203,7 +255,7 @@ def train(args, model, optimizer, scheduler, trainset, tasks: dict, run: Run, de
             # ============ log ============
             if log_now:
                 run.scalars({**averages, "learning_rate": optimizer.param_groups[0]["lr"]}, p.it)
-                bar.set_postfix(loss=f"{averages['total training loss']:.4f}")
+                report.log(p.it, averages)
                 losses.reset()
             # ============ evaluate; the best evaluation's weights to best_checkpoint.pth ============
             if evaluate_now:
@@ -219,6 +271,8 @@ def train(args, model, optimizer, scheduler, trainset, tasks: dict, run: Run, de
             # ============ several processes stop at the same step (saving is a collective) ============
             if world > 1 and log_now and agree_on_signal(flag, device) and p.it < args.num_iters:
                 checkpoints.stop(flag["signum"], p)
+            if log_now:
+                report.restart_clock()  # the speed of the next line: of the training steps, not the evaluation
             if p.it >= args.num_iters:
                 break
     return metrics
@@ -239,14 +293,25 @@ def evaluate_all(args, model, tasks: dict, device, run: Run | None = None, it: i
             num_workers=args.loader_num_workers, amp=args.amp, desc=f"eval {split}")
         metrics = test_retrieval.task_metrics(task, query_feats, gallery_feats)  # the task's protocol
         out.update({f"{split} {name}": value for name, value in metrics.items()})
+        if run is not None:
+            run.galleries[split] = gallery_facts(task)
         if split == "test" and run is not None and run.enabled:
             picture = visualize.training_picture(dataset, task, query_feats, gallery_feats, seed=args.seed)
             if picture is not None:
                 run.image("test/retrievals", picture, it, f"retrievals_{it}.png")
     if distributed_world()[0] == 0:
         for name, value in out.items():
-            runlog.echo(" ".join(map(str, ("    ", name, round(value, 4)))))
+            console.echo(" ".join(map(str, ("    ", name, round(value, 4)))))
     return out
+
+
+def gallery_facts(task: datasets.RetrievalTask) -> tuple[int, int]:
+    """``(gallery images, distinct target classes)`` of ``task``: the classes are the gallery's labels of the
+    composition view (MIT-States, Fashion200k), else of its first view; 1 / classes is the chance level of
+    recall@1."""
+    view = "composition" if "composition" in task.gallery_labels else next(iter(task.gallery_labels), None)
+    labels = task.gallery_labels[view] if view is not None else task.gallery
+    return len(task.gallery), len(set(labels))
 
 
 def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -> dict[str, float]:
@@ -263,7 +328,7 @@ def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -
     models.load_model_state(model, ckpt["model_state_dict"], path)  # this run's own weights: they fit
     best_it = int(ckpt["it"])
     if distributed_world()[0] == 0:
-        runlog.echo(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}")
+        console.echo(f"    best_checkpoint.pth: iteration {best_it}, selected on val {args.best_metric}")
     if "test" not in tasks:
         cirr_submission.write_test1_submission(args, model, testset, device)
         return {}
@@ -271,8 +336,3 @@ def evaluate_best_on_test(args, model, tasks: dict, testset, run: Run, device) -
     run.info["best_it"] = best_it  # the iteration these test numbers come from
     run.metrics(metrics, best_it)
     return metrics
-
-
-def tqdm_bar(**kw) -> tqdm:
-    """The progress bar of training and evaluation: its width follows the terminal, at most one refresh a second."""
-    return tqdm(dynamic_ncols=True, mininterval=1.0, **kw)

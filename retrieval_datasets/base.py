@@ -169,13 +169,15 @@ class _RetrievalDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _sample_sources(pool: Sequence[int], n: int, seed: int) -> list[int]:
-        """``n`` sources from ``pool``, seeded: without replacement when ``n <= len(pool)``."""
+        """``min(n, len(pool))`` sources from ``pool``, seeded, without replacement (never more queries than
+        there are)."""
         if n < 0:
             raise ValueError(f"n_queries must be >= 0, got {n}")
+        n = min(n, len(pool))
         if n == 0:
             return []
         rng = seeded_rng(seed, Stream.TRAIN_TASK)
-        chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=n > len(pool))
+        chosen = rng.choice(np.asarray(pool, dtype=np.int64), size=n, replace=False)
         return [int(i) for i in chosen]
 
     @staticmethod

@@ -157,11 +157,12 @@ class CSS3D(_RetrievalDataset):
             query_targets={"composition": [c for _, _, c in queries]}, query_exclude=[s for s, _, _ in queries])
 
     def train_task(self, n_queries: int, seed: int) -> RetrievalTask:
-        """``n_queries`` seeded training queries (slot 0 of TIRG's sampling) against a gallery of their targets."""
+        """``n_queries`` seeded training queries (slot 0 of TIRG's sampling; at most as many as the split's
+        (source, mod) pairs) against a gallery of their targets."""
         if n_queries < 0:
             raise ValueError(f"n_queries must be >= 0, got {n_queries}")
         pairs = []
-        for q in range(n_queries):
+        for q in range(min(n_queries, len(self.test_queries()))):  # at most as many as its (source, mod) pairs
             source, (mod, target), _ = self.sample_pair(seeded_rng(seed, q, Stream.TRAIN_TASK))
             pairs.append((source, mod, target))
         keys, where = self._positions([i for s, _, t in pairs for i in (s, t)])

@@ -45,6 +45,12 @@ class DatasetSpec:
     # the split whose predictions --submission_dir writes for a test server (SplitOptions -> dataset); None: the
     # flag does not apply
     submission: Callable[[SplitOptions], Any] | None = None
+    # what --eval_every 0 means (training.stages_due): 'epochs_1_4_7', the original's evaluations after epochs 1, 4,
+    # 7, ...; 'eight_per_run', 8 evaluations spread evenly over --num_iters (datasets of a few epochs' worth)
+    eval_schedule: str = "epochs_1_4_7"
+    # the recall@1 (fraction, low and high) that the dataset's default run reaches over seeds, printed with the
+    # yardstick line at the end of a run (runlog.Run.yardstick); None: not measured
+    reference_recall_at_1: tuple[float, float] | None = None
 
     def split_names(self, select_on: str) -> tuple[str, ...]:
         """The splits ``build`` returns with ``--select_on select_on`` (refused where there is no val split)."""
@@ -86,19 +92,24 @@ register(DatasetSpec(
     # the embedded default: a run that finishes in a few minutes on a 2-core CPU with no download
     preset=types.MappingProxyType(dict(
         dataset_path="data/synthetic", use_bert=True, bert_model="all-MiniLM-L6-v2", loss="batch_based_classification",
-        num_iters=300, learning_rate_decay_frequency=200, loader_num_workers=0, log_dir="logs", image_size=64,
+        num_iters=300, learning_rate_decay_frequency=200, loader_num_workers=0, image_size=64,
         image_weights="none", train_eval_queries=500, eval_every=150, save_every=100, use_complete_text_query=False,
         weight_decay=5e-5,
-    ))))
+    )),
+    eval_schedule="eight_per_run",
+    # measured by: for s in 0 1 2 3 4; do python main.py --seed $s; done (test recall_top1_correct_composition)
+    reference_recall_at_1=None))
 register(DatasetSpec(
     "triplets", "triplets", triplets.Triplets._layout(), ("tirg",), triplets.build_splits,
-    val_splits=("train", "test", "val"), val_rule="its val rows, with test = its test rows (both needed)"))
+    val_splits=("train", "test", "val"), val_rule="its val rows, with test = its test rows (both needed)",
+    eval_schedule="eight_per_run"))
 register(DatasetSpec(
     "css3d", "CSS3D", css3d.CSS3D._layout(), ("tirg",), css3d.build_splits, resnet_lr_scale=1.0))
 register(DatasetSpec(
     "cirr", "CIRR", cirr.CIRR._layout(), ("cirr",), cirr.build_splits,
     val_splits=("train", "val", "test"), submission=cirr.test1_split,
-    val_rule="val, with test = test1, which only the CIRR server scores (--submission_dir)"))
+    val_rule="val, with test = test1, which only the CIRR server scores (--submission_dir)",
+    eval_schedule="eight_per_run"))
 
 DATASET_NAMES = tuple(DATASETS)  # the --dataset choices, in registration order
 

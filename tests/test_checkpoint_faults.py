@@ -20,6 +20,7 @@ import torch
 
 import checkpoint
 import config
+import factory
 import main
 import runlog
 import sgd_step
@@ -157,13 +158,11 @@ def test_evaluation_ignores_the_training_state_it_does_not_read(good, data, tmp_
 def test_restart_returns_the_state_train_continues_from(good, data, tmp_path):
     """restart_from_checkpoint restores the optimizer, the schedule and the random state, and returns where the
     run stands; the weights are factory.build_experiment's to load."""
-    import factory
-
     args = config.resolve_defaults(config.parse_args(tirg(data, tmp_path))[0])
     exp = factory.build_experiment(args, torch.device("cpu"), good, "x.pth")
     torch.manual_seed(123)  # the checkpoint's state replaces this one
     state = checkpoint.restart_from_checkpoint(good, "x.pth", model=exp.model, optimizer=exp.optimizer,
-                                               scheduler=exp.scheduler, num_iters=4)
+                                               scheduler=exp.scheduler)
     assert state == {"it": 2, "epoch": good["epoch"], "batch_in_epoch": good["batch_in_epoch"], "best": good["best"]}
     assert torch.equal(torch.get_rng_state(), good["rng"][0]["torch"])
     assert exp.scheduler.last_epoch == good["scheduler"]["last_epoch"] == 2

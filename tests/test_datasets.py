@@ -265,8 +265,8 @@ def test_mitstates_train_task(mit):
     assert len(set(task.image_keys)) == len(task.image_keys)
     again = train.train_task(5, seed=1)
     assert again == task and train.train_task(5, seed=2) != task
-    big = train.train_task(20, seed=1)  # more queries than sources: with replacement
-    assert len(big.query_text) == 20
+    big = train.train_task(20, seed=1)  # more queries than sources: each source once
+    assert len(big.query_text) == len({big.image_keys[p] for p in big.query_source}) == len(train._sources) < 20
 
 
 # ----------------------------------------------------------------------------------------------------------------

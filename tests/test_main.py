@@ -421,7 +421,7 @@ def test_jupyter_flag_and_original_defaults_parse():
                                     "--model_checkpoint m.pth"))
     assert a.f == "/tmp/kernel-1.json" and a.test_only is True and a.model_checkpoint == "m.pth"
     assert (a.model, a.loss, a.num_iters, a.learning_rate_decay_frequency, a.log_dir) == (
-        "composeAE", "soft_triplet", 160000, 9999999, "../logs/")
+        "composeAE", "soft_triplet", 160000, 9999999, "logs")  # --log_dir: logs/ for every dataset
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -491,8 +491,8 @@ def test_tensorboard_events_hold_losses_rate_metrics_and_args(lstm_run, bert_run
                                                        "test/recall_top5_correct_adj", "test/recall_top100_correct_noun"}
     assert expected <= scalars, expected - scalars
     assert "loss/batch_based_classification" not in scalars
-    # a few groups (loss, lr, train, test, hparam), not one chart per scalar
-    assert {tag.split("/")[0] for tag in scalars} == {"loss", "lr", "train", "test", "hparam"}
+    # a few groups (loss, lr, train, test, and the HParams session metrics), not one chart per scalar
+    assert {tag.split("/")[0] for tag in scalars} == {"loss", "lr", "train", "test", "session"}
     # losses logged every iteration (--log_every 1); the total is the weighted sum (ComposeAE Eq. 13)
     values = {name: {e.step: e.value for e in acc.Scalars(f"loss/{name}")} for name in LOSS_TERMS_AE}
     for name in LOSS_TERMS_AE:

@@ -223,8 +223,8 @@ def test_sigint_and_sigterm_save_and_the_printed_command_resumes(data, tmp_path)
         procs[sig] = (subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                        stderr=err), log_dir, err, argv)
     deadline = time.time() + 240
-    for sig, (proc, log_dir, _, _) in procs.items():  # training runs: its progress bar counts a step
-        while not re.search(r"\| [1-9]\d*/100000", (tmp_path / f"{sig.name}.err").read_text()):
+    for sig, (proc, log_dir, _, _) in procs.items():  # training runs: a progress line counts its steps
+        while not re.search(r"^iteration [1-9]\d*/100000 ", (tmp_path / f"{sig.name}.err").read_text(), re.M):
             assert proc.poll() is None and time.time() < deadline, "training did not start"
             time.sleep(0.1)
         proc.send_signal(sig)
