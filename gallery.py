@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from checkpoint import WriteFailed, atomic_write
+from checkpoint import atomic_write, write_failed
 from errors import UserInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -121,12 +121,13 @@ def load_index(path: str, identity: dict) -> dict | None:
 def write_file(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:
     """``atomic_write(path, write, mode)`` after creating the missing folders above ``path`` (``mkdir -p``); a
     failure (a full disk, a write error) raises ``WriteFailed`` naming the file, which is left as it was."""
+    advice = ("the earlier file of that name, if any, is unchanged: free some space or pick another place, and run "
+              "it again")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        atomic_write(path, write, mode=mode)
     except OSError as exc:
-        raise WriteFailed(f"cannot write {path} ({exc.strerror or exc}); the earlier file of that name, if any, is "
-                          f"unchanged: free some space or pick another place, and run it again") from None
+        raise write_failed(path, exc, advice) from None
+    atomic_write(path, write, mode=mode, advice=advice)
 
 
 def save_index(path: str, identity: dict, files: Sequence[tuple[str, int, int]], feats: torch.Tensor) -> None:

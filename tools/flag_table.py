@@ -13,9 +13,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 
 
-def _default(dest: str, default) -> str:
+def _default(dest: str, default, help_text: str) -> str:
     shown = config.ORIGINAL_DEFAULTS.get(dest, default)
-    text = "`(required)`" if shown is None else f"`{shown}`"
+    stated = re.search(r"\(default: ([^)]*)\)", help_text)  # a default that depends on the dataset, as --help says
+    if shown is None and stated:
+        text = stated.group(1)
+    else:
+        text = "`(required)`" if shown is None else f"`{shown}`"
     if dest in config.SYNTHETIC_PRESET:
         text += f" (synthetic: `{config.SYNTHETIC_PRESET[dest]}`)"
     return text
@@ -36,7 +40,7 @@ def flag_tables() -> str:
         for a in actions:
             text = re.sub(r" ?\(default: [^)]*\)| ?\[synthetic: [^\]]*\]", "", a.help or "")
             text = text.replace("|", "\\|")
-            out.append(f"| `{a.option_strings[0]}` | {text} | {_default(a.dest, a.default)} |")
+            out.append(f"| `{a.option_strings[0]}` | {text} | {_default(a.dest, a.default, a.help or '')} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
