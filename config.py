@@ -17,7 +17,7 @@ import cirr_submission
 import img_text_composition_models as models
 from checkpoint import read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
-from errors import UserInputError
+from errors import OneLineParser, UserInputError
 from retrieval_datasets.fashioniq import FASHION_IQ_PROTOCOLS
 from retrieval_datasets.registry import DATASET_NAMES, SELECT_ON, dataset_spec
 from torch_functions import LOSS_NAMES
@@ -63,13 +63,6 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "(default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2 (argparse's default adds the whole usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ import distributed
 import retrieve
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
-from errors import UserInputError
+from errors import OneLineParser, UserInputError
 from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery
 from image_cache import MAX_IMAGE_PIXELS, BadImageError, load_rgb_uint8
 
@@ -72,13 +72,6 @@ SECURITY_HEADERS = {
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2 (argparse's default adds the whole usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     """The flags of demo.py: the model, the gallery and where the page is served."""

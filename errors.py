@@ -5,6 +5,7 @@ to do; the entry point prints it as ``<program>: error: <message>`` on stderr an
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -13,6 +14,14 @@ import traceback
 
 class UserInputError(Exception):
     """Bad user input (a flag, a path, a file): one clear line, turned into exit code 2 by the entry point."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags: one line on stderr, ``<prog>: error: <message> (see --help)``, and exit code 2 (argparse's
+    default adds the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def report_internal_error(program: str, exc: BaseException, log_path: str | None = None) -> int:

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from errors import UserInputError, report_internal_error
+from errors import OneLineParser, UserInputError, report_internal_error
 import config
 from reporting import plots
 from reporting.runs import RunRecord, group_runs, headline_metric, load_runs, split_metric, summarize
@@ -25,13 +25,6 @@ PROG = "report.py"
 # carries) except the seed, so that a group's runs differ only by seed.
 GROUP_KEYS = tuple(name for name in config.RUN_SETTINGS if name != "seed")
 LABEL_KEYS = 3  # settings that tell groups apart, shown in a group's label
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

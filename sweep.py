@@ -33,7 +33,7 @@ import time
 from datetime import datetime
 from typing import Callable, Sequence
 
-from errors import UserInputError, report_internal_error
+from errors import OneLineParser, UserInputError, report_internal_error
 
 try:
     import submitit  # optional: only --launcher slurm needs it
@@ -53,13 +53,6 @@ RESERVED = {"--seed": "sweep.py passes each of --seeds", "--log_dir": "sweep.py 
 STOP_WAIT_S = 120  # how long a pre-empted job waits for main.py to save its checkpoint
 _ITERATION = re.compile(r"^iteration (\d+)\b", re.M)  # main.py's summary table after an evaluation
 _PROGRESS = re.compile(r"train: +\d+%\|[^|\r\n]*\| *(\d+)/\d+ \[")  # main.py's training bar '| it/num_iters ['
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """Bad flags: one line on stderr and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
