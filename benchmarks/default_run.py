@@ -101,7 +101,7 @@ def run_seed(seed: int, threads: int, extra: list[str]) -> dict:
             "threads": threads or torch.get_num_threads(), "test_recall_at_1": latest[R1],
             "iterations": int(latest["it"]), "main_flags": extra,
             "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m": round(load, 2)},
-            "command": shlex.join(["python", "main.py", *cmd[3:]])}
+            "command": shlex.join(["python", "main.py", *cmd[2:]])}
 
 
 def default_main(a: argparse.Namespace) -> Iterator[dict]:
