@@ -6,11 +6,13 @@
     python benchmark.py --size full --model tirg --text lstm --amp --channels_last --image_cache auto
     python benchmark.py --size cpu --profile /tmp/prof                # + torch.profiler trace and top-ops table
     python benchmark.py --mode retrieve --device cpu --threads 1       # one retrieve.py query, 100,000-row index
+    python benchmark.py --mode default --threads 1 --seeds 0,1,2       # `python main.py` as a first run, per seed
 
 Prints ONE JSON object on stdout (everything else goes to stderr): steady-state training samples/s (after warm-up
 iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/s (one full
 ``test_retrieval.evaluate`` of the synthetic test task, image features included), peak memory
-(``torch.cuda.max_memory_allocated`` on a GPU, ``ru_maxrss`` on the CPU) and every setting used.
+(``torch.cuda.max_memory_allocated`` on a GPU, ``ru_maxrss`` on the CPU) and every setting used. ``--mode default``
+prints one JSON line per seed instead (``benchmarks.default_run``).
 
 Nothing here re-implements the project: the data is written by ``synthetic.generate_synthetic`` (with a process
 pool: byte-identical files), read by ``factory.build_datasets`` / ``EpochBatchSampler`` / ``collate_train``
@@ -20,7 +22,7 @@ and optimizer from ``factory.build_model``, as in main.py (flags parsed by ``con
 ``CudaGraphStep`` with ``--cuda_graph``) and the evaluation is ``test_retrieval.evaluate``.
 
 This module is the command line; the measurements live in the ``benchmarks`` package (``train_speed``,
-``eval_speed``, ``retrieval_speed``, ``resnet_ceiling``, ``report``).
+``eval_speed``, ``retrieval_speed``, ``default_run``, ``resnet_ceiling``, ``report``).
 
 The reference measurement (original code, one H100) used 14,328 synthetic 128-px JPEGs: 3,528 test images with
 17,640 queries and 10,800 training images. ``--size full`` writes 14,112 128-px JPEGs (9 training nouns, 3 test
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -44,6 +47,7 @@ from typing import Sequence
 
 import config
 from benchmarks.common import PRESETS, REFERENCE, json_text, write_output
+from benchmarks.default_run import default_main
 from benchmarks.inputs import RANDOM_BERTS, make_random_bert, synthetic_words
 from benchmarks.report import summarize
 from benchmarks.resnet_ceiling import ceiling_main
@@ -104,12 +108,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "channels_last, random 224-px images) at batch 32 and 256: this machine's ceiling", **flag)
     p.add_argument("--report", default="", metavar="DIR",
                    help="print the markdown summary of the gpu_bench.sh results in DIR and exit")
-    p.add_argument("--mode", choices=["train", "retrieve"], default="train",
+    p.add_argument("--mode", choices=["train", "retrieve", "default"], default="train",
                    help="train: training and evaluation throughput; retrieve: one retrieve.py query (encode + "
-                        "ranking) against a --gallery_size index of random features")
+                        "ranking) against a --gallery_size index of random features; default: `python main.py` "
+                        "with no flags in a fresh folder (data generation included), one JSON line per --seeds")
     p.add_argument("--gallery_size", type=int, default=100000, help="--mode retrieve: rows of the index")
     p.add_argument("--repeats", type=int, default=5, help="--mode retrieve: timed queries (after one untimed)")
-    p.add_argument("--threads", type=int, default=0, help="--mode retrieve: torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="--mode retrieve and default: torch CPU threads (0 = torch's default)")
+    p.add_argument("--seeds", default="0", help="--mode default: main.py --seed of each run, comma-separated")
+    # --mode default: main.py flags added to every run (the tests' short runs); the measurement records them
+    p.add_argument("--main_flags", default="", help=argparse.SUPPRESS)
     return p
 
 
@@ -139,12 +148,33 @@ def _measure(a: argparse.Namespace) -> int:
     if a.report:
         print(summarize(a.report))
         return 0
+    if a.mode == "default":
+        return default_mode(a)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
         result = ceiling_main(a) if a.ceiling else retrieve_main(a) if a.mode == "retrieve" else run(a)
     text = json_text(result)
     if a.output:
         write_output(a.output, text)
     print(text, flush=True)
+    return 0
+
+
+def default_mode(a: argparse.Namespace) -> int:
+    """``--mode default``: prints each seed's JSON line as its run ends (``--output``: all lines, at the end);
+    returns the exit status (2 and one ``benchmark.py: error:`` line for bad input, 1 for a failed run)."""
+    lines = []  # main.py's output goes to a log file in its folder: stdout carries the JSON lines only
+    try:
+        for result in default_main(a):
+            lines.append(json.dumps(result))
+            print(lines[-1], flush=True)
+    except UserInputError as exc:
+        print(f"benchmark.py: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a main.py run that failed: its output's end is in the message
+        print(f"benchmark.py: error: {exc}", file=sys.stderr)
+        return 1
+    if a.output:
+        write_output(a.output, "\n".join(lines))
     return 0
 
 

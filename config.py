@@ -69,20 +69,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The flags, grouped by purpose; the original's keep their names, spellings and defaults."""
     p = OneLineParser(prog="main.py", description=DESCRIPTION,
                       formatter_class=DefaultsFormatter)
-    syn = " [synthetic: {}]"
+
+    def syn(name: str) -> str:  # the synthetic preset's value of a flag, as --help shows it
+        return f" [synthetic: {SYNTHETIC_PRESET[name]}]"
     p.add_argument("-f", type=str, default="", help="ignored (lets the original run inside Jupyter)")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", type=str, default="synthetic", choices=list(DATASET_NAMES),
                    help="dataset, in its published layout under --dataset_path; triplets = your own "
                         "DIR/triplets.csv (source,text,target,split)")
-    g.add_argument("--dataset_path", type=str, default=None, help="dataset folder" + syn.format("data/synthetic"))
+    g.add_argument("--dataset_path", type=str, default=None, help="dataset folder" + syn("dataset_path"))
     g.add_argument("--category_to_train", type=str, default="all", choices=["all", "dress", "shirt", "toptee"],
                    help="Fashion IQ category")
-    g.add_argument("--image_size", type=int, default=None, help="resize + centre crop size (default: 224)" + syn.format(64))
+    g.add_argument("--image_size", type=int, default=None, help="resize + centre crop size (default: 224)" + syn("image_size"))
     g.add_argument("--exclude_source_adj", **BOOL, default=False,
                    help="MIT-States training targets never take the source's own adjective (the original allowed it)")
-    g.add_argument("--loader_num_workers", type=int, default=None, help="data loader processes (default: 4)" + syn.format(0))
+    g.add_argument("--loader_num_workers", type=int, default=None, help="data loader processes (default: 4)" + syn("loader_num_workers"))
     g.add_argument("--image_cache", type=str, default="", help="folder for the decode-once uint8 image cache ('' = off)")
     g.add_argument("--val_nouns", type=int, default=0,
                    help="MIT-States with --select_on val: N training nouns held out (seeded) as the validation split")
@@ -91,21 +93,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", type=str, default="composeAE", choices=list(models.MODELS), help="composition model")
     g.add_argument("--image_embed_dim", type=int, default=512, help="image embedding width")
     g.add_argument("--image_weights", type=str, default=None,
-                   help="ResNet-18 init: imagenet, none or a state-dict path (default: imagenet)" + syn.format("none"))
+                   help="ResNet-18 init: imagenet, none or a state-dict path (default: imagenet)" + syn("image_weights"))
 
     g = p.add_argument_group("text")
     g.add_argument("--use_bert", **BOOL, default=None,
-                   help="frozen BERT text encoder instead of the LSTM (default: False)" + syn.format(True))
+                   help="frozen BERT text encoder instead of the LSTM (default: False)" + syn("use_bert"))
     g.add_argument("--bert_model", type=str, default=None,
                    help="BERT name or local folder; all-MiniLM-L6-v2 = the packaged offline model "
-                        "(default: bert-base-uncased)" + syn.format("all-MiniLM-L6-v2"))
+                        "(default: bert-base-uncased)" + syn("bert_model"))
     g.add_argument("--lstm_dim", type=int, default=512, help="LSTM text encoder width (word embedding and hidden)")
     g.add_argument("--use_complete_text_query", **BOOL, default=None,
                    help="query text is the full target caption ('<adj> <noun>' on MIT-States) (default: False)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--loss", type=str, default=None, choices=list(LOSS_NAMES),
-                   help="base loss (default: soft_triplet)" + syn.format("batch_based_classification"))
+                   help="base loss (default: soft_triplet)" + syn("loss"))
     g.add_argument("--loss_weights", type=float, nargs=4, default=[1.0, 0.1, 0.1, 0.01],
                    metavar=("BASE", "L2", "L2_TEXT", "ROT_SYM"), help="weights of the loss terms (ComposeAE Eq. 13)")
     g.add_argument("--triplet_grad_scale", type=float, default=0.5,
@@ -115,14 +117,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="SGD learning rate (ResNet body at --resnet_lr_scale of it)")
     g.add_argument("--resnet_lr_scale", type=float, default=None,
                    help="learning rate of the ResNet body (all but its fc) relative to --learning_rate "
-                        "(default: 0.1, as the originals on photos; 1.0 on css3d, as TIRG trains its renders)")
+                        "(default: 0.1, as the originals on photos; 1.0 on css3d, as TIRG trains its renders, and on "
+                        "synthetic, whose ResNet starts from scratch)")
     g.add_argument("--learning_rate_decay_frequency", type=int, default=None,
-                   help="multiply the learning rate by 0.1 every N iterations (default: 9999999)" + syn.format(200))
-    g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay (default: 1e-06)" + syn.format(5e-5))
+                   help="multiply the learning rate by 0.1 every N iterations (default: 9999999)" + syn("learning_rate_decay_frequency"))
+    g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay (default: 1e-06)" + syn("weight_decay"))
     g.add_argument("--batch_size", type=int, default=32, help="training batch size (global, over all processes)")
     g.add_argument("--num_iters", type=int, default=None,
                    help="the total number of training iterations, exactly; a resumed run continues up to it (default: "
-                        "160000)" + syn.format(300))
+                        "160000)" + syn("num_iters"))
     g.add_argument("--seed", type=int, default=0, help="seed of weights, data order, pairs and triplets")
 
     g = p.add_argument_group("evaluation")
@@ -134,10 +137,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="evaluate every N iterations; 0 = the dataset's schedule: after epochs 1, 4, 7, ... as the "
                         f"original on {', '.join(eval_schedule_datasets('epochs_1_4_7'))}; 8 times per run, evenly "
                         f"spaced, the last at the end, on {', '.join(eval_schedule_datasets('eight_per_run'))} "
-                        "(default: 0)" + syn.format(150))
+                        "(default: 0)" + syn("eval_every"))
     g.add_argument("--train_eval_queries", type=int, default=None,
                    help="seeded sample of training queries for the train-split metrics, at most as many as there are "
-                        "(default: 9600)" + syn.format(500))
+                        "(default: 9600)" + syn("train_eval_queries"))
     g.add_argument("--eval_batch_size", type=int, default=0, help="evaluation batch size; 0 = --batch_size")
     g.add_argument("--best_metric", type=str, default="auto",
                    help="test metric that picks best_checkpoint.pth; auto = recall_top1_correct_composition, or the "
@@ -158,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--comment", type=str, default="", help="suffix of the run folder name")
     g.add_argument("--resume", type=str, default="", help="latest_checkpoint.pth to continue training from, exactly")
     g.add_argument("--save_every", type=int, default=None,
-                   help="write latest_checkpoint.pth every N iterations; 0 = every epoch as the original (default: 0)" + syn.format(100))
+                   help="write latest_checkpoint.pth every N iterations; 0 = every epoch as the original (default: 0)" + syn("save_every"))
     g.add_argument("--log_every", type=int, default=20, help="log the averaged losses every N iterations (one host sync)")
 
     g = p.add_argument_group("speed", "opt-in; each computes what the default computes, unless its help says otherwise")

@@ -55,7 +55,7 @@ def test_registered_names_are_the_dataset_choices():
 def test_resnet_lr_scale_default_comes_from_the_registry(monkeypatch):
     for name in registry.DATASET_NAMES:
         args = config.resolve_defaults(parse("--dataset", name, "--dataset_path", "x"))
-        assert args.resnet_lr_scale == (1.0 if name == "css3d" else 0.1), name
+        assert args.resnet_lr_scale == (1.0 if name in ("css3d", "synthetic") else 0.1), name
         assert args.resnet_lr_scale == config.default_resnet_lr_scale(name)
         assert config.resolve_defaults(parse("--dataset", name, "--dataset_path", "x", "--resnet_lr_scale", "0.3")
                                        ).resnet_lr_scale == 0.3  # a given value wins
@@ -68,7 +68,7 @@ def test_resnet_lr_scale_default_comes_from_the_registry(monkeypatch):
 
 def test_the_synthetic_preset_applies_only_to_synthetic():
     preset = registry.dataset_spec("synthetic").preset
-    assert preset is config.SYNTHETIC_PRESET and preset["image_size"] == 64 and preset["num_iters"] == 300
+    assert preset is config.SYNTHETIC_PRESET and preset["image_size"] == 32 and preset["num_iters"] == 300
     assert [n for n, s in registry.DATASETS.items() if s.preset] == ["synthetic"]
     for name in registry.DATASET_NAMES:
         args = config.resolve_defaults(parse("--dataset", name, "--dataset_path", "x"))
