@@ -5,8 +5,8 @@ query against the stored rows in fp32 (float16 rows converted chunk by chunk), d
 gallery position. It reads the rows in chunks into one reused buffer, keeps each chunk's top k with that tie rule
 and merges them, so its memory is the buffer's and (Q, k) whatever the gallery's size.
 
-The FAISS backend (faiss-cpu, an optional dependency) is an inverted-file index with scalar-quantised (SQ8) or
-product-quantised codes, ``faiss_spec``. It proposes ``CANDIDATES_PER_RESULT * k`` candidates per query, whose stored
+The FAISS backend (faiss-cpu, an optional dependency) is an inverted-file index with scalar-quantised codes (SQ8,
+SQ4 for a large gallery: ``faiss_spec``). It proposes ``CANDIDATES_PER_RESULT * k`` candidates per query, whose stored
 rows are read back and scored exactly (``rerank``): every score it reports is the exact cosine of the stored
 vectors, and its order is the exact search's order among the candidates. ``build_faiss`` trains it, adds the rows
 chunk by chunk, and picks the smallest ``nprobe`` (lists visited per query) whose recall@10 against exact search on
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserInputError
-from feature_store import FeatureFile
+from feature_store import ROW_ALIGN, FeatureFile, check_similarities
 from seeding import Stream, seeded_rng
 
 FAISS_MISSING = "--backend faiss needs faiss: pip install faiss-cpu"
@@ -34,7 +34,7 @@ MAX_SIM_ELEMS = 1 << 24  # (queries x chunk rows) similarities computed at once:
 CANDIDATES_PER_RESULT = 10  # FAISS candidates re-ranked exactly per result asked for
 RECALL_TARGET = 0.985  # recall@10 that build_faiss tunes nprobe for, on held-out rows
 RECALL_QUERIES = 1000  # held-out rows that build_faiss measures recall on
-SQ8_MAX_CODE_BYTES = 2 << 30  # SQ8 codes (rows x dim bytes) up to this size; product quantisation above it
+SQ8_MAX_CODE_BYTES = 2 << 30  # SQ8 codes (rows x dim bytes) up to this size; SQ4 above it
 TRAIN_POINTS_PER_LIST = 64  # k-means training rows per inverted list (FAISS warns below 39)
 
 
@@ -84,36 +84,66 @@ def _chunk_top_k(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return _order(vals, idx, kk)
 
 
+class RunningTopK:
+    """The best ``k`` columns per query row seen so far over chunks of similarities, descending, ties to the
+    lower column: each chunk's top k (``_chunk_top_k``) merged with the kept ones."""
+
+    def __init__(self, n_queries: int, k: int) -> None:
+        self.k = int(k)
+        self.scores = torch.empty(n_queries, 0)  # (Q, <=k)
+        self.ids = torch.empty(n_queries, 0, dtype=torch.long)  # (Q, <=k)
+
+    def add(self, sims: torch.Tensor, first_column: int) -> None:
+        """Merges the similarities ``sims`` (Q, C) of the columns ``first_column ...`` (after the kept ones)."""
+        s, i = _chunk_top_k(sims, self.k)
+        self.scores, self.ids = _order(torch.cat([self.scores, s], 1), torch.cat([self.ids, i + first_column], 1),
+                                       self.k)
+
+
+def _blocks(n_queries: int, rows: int, rows_per_chunk: int) -> tuple[int, int]:
+    """``(queries per block, similarity columns per block)``: at most ``MAX_SIM_ELEMS`` similarities, the columns a
+    multiple of ``rows_per_chunk`` and no more than the gallery needs."""
+    block = max(1, min(n_queries, MAX_SIM_ELEMS // rows_per_chunk))
+    columns = max(rows_per_chunk, MAX_SIM_ELEMS // block // rows_per_chunk * rows_per_chunk)
+    return block, min(columns, -(-rows // rows_per_chunk) * rows_per_chunk)
+
+
 def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int,
                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, positions)`` (Q, min(k, G)) of every query (Q, D) against the stored rows, as
     ``test_retrieval.top_k`` ranks them (cosine in fp32, descending, ties to the lower position); ``exclude`` (Q,)
-    is a position left out of that query's ranking (-1 for none): it comes last with score -inf. The rows are read
-    in chunks (``FeatureFile.chunks``), queries in blocks of ``MAX_SIM_ELEMS // rows_per_chunk``."""
-    n_queries, rows = queries.shape[0], features.rows
+    is a position left out of that query's ranking (-1 for none): it comes last with score -inf.
+
+    The rows are read in chunks of one shape (``FeatureFile.chunks(padded=True)``: a row's score does not depend on
+    its chunk), and their similarities gathered into a (queries, columns) buffer of at most ``MAX_SIM_ELEMS``
+    (``_blocks``), whose top k is merged into the running top k (``RunningTopK``)."""
+    n_queries, rows, per_chunk = queries.shape[0], features.rows, features.rows_per_chunk
     kk = min(int(k), rows)
     scores = torch.empty(n_queries, kk, dtype=torch.float32)  # (Q, k)
     positions = torch.empty(n_queries, kk, dtype=torch.long)  # (Q, k)
     if n_queries == 0 or kk == 0:
         return scores, positions
-    block = max(1, MAX_SIM_ELEMS // features.rows_per_chunk)
+    block, columns = _blocks(n_queries, rows, per_chunk)
+    sims_buf = torch.empty(block, columns)  # (B, S)
     with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
         normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
         for q0 in range(0, n_queries, block):
             q = normed[q0:q0 + block]  # (B, D)
             excl = None if exclude is None else exclude[q0:q0 + block].cpu()  # (B,)
-            best_s = torch.empty(q.shape[0], 0)  # (B, <=k)
-            best_i = torch.empty(q.shape[0], 0, dtype=torch.long)
-            for row0, chunk in features.chunks(padded=True):
-                n = min(features.rows_per_chunk, rows - row0)
-                sims = (q @ chunk.t())[:, :n]  # (B, C) one matmul shape for every chunk
+            best = RunningTopK(q.shape[0], kk)
+            for s0 in range(0, rows, columns):
+                s_n = min(columns, rows - s0)
+                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
+                    n = min(per_chunk, rows - row0)
+                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
+                sims = sims_buf[:q.shape[0], :s_n]  # (B, s_n)
+                check_similarities(sims, s0)
                 if excl is not None:
-                    local = excl - row0  # (B,)
-                    hit = torch.nonzero((local >= 0) & (local < n)).flatten()
+                    local = excl - s0  # (B,)
+                    hit = torch.nonzero((local >= 0) & (local < s_n)).flatten()
                     sims[hit, local[hit]] = float("-inf")
-                s, i = _chunk_top_k(sims, kk)
-                best_s, best_i = _order(torch.cat([best_s, s], 1), torch.cat([best_i, i + row0], 1), kk)
-            scores[q0:q0 + block], positions[q0:q0 + block] = best_s, best_i
+                best.add(sims, s0)
+            scores[q0:q0 + block], positions[q0:q0 + block] = best.scores, best.ids
     return scores, positions
 
 
@@ -139,33 +169,43 @@ def exact_search(features: FeatureFile, queries: torch.Tensor, k: int,
 # ----------------------------------------------------------------------------------------------------------------
 
 def faiss_spec(rows: int, dim: int) -> str:
-    """The FAISS index factory string for ``rows`` vectors of ``dim``: an inverted file of ``nlist`` ~ 4 sqrt(rows)
-    lists (fewer for a small gallery, so that each gets ``TRAIN_POINTS_PER_LIST`` training rows) with SQ8 codes
-    (dim bytes per vector) while they take up to ``SQ8_MAX_CODE_BYTES``; above, product quantisation with dim/4
-    sub-quantisers of 8 bits (dim/4 bytes per vector), which keeps 10 M x 512 under 1.3 GB."""
-    nlist = max(1, min(int(round(4 * math.sqrt(rows))), rows // TRAIN_POINTS_PER_LIST))
-    if rows * dim <= SQ8_MAX_CODE_BYTES or dim % 4:
-        return f"IVF{nlist},SQ8"
-    return f"IVF{nlist},PQ{dim // 4}"
+    """The FAISS index factory string for ``rows`` vectors of ``dim``: an inverted file of ``nlist`` ~ sqrt(rows)
+    lists (fewer for a small gallery, so that each gets ``TRAIN_POINTS_PER_LIST`` training rows), its residuals
+    scalar-quantised: 8 bits per value (SQ8, dim bytes per vector) while the codes take up to
+    ``SQ8_MAX_CODE_BYTES``, 4 bits above (SQ4: 10 M x 512 in 2.6 GB).
+
+    Chosen from measurements on 200 k x 512 clustered vectors (index_bench.py, 1 thread, a loaded 2-core
+    machine), candidates re-ranked exactly: IVF450 with SQ8, SQ4 and PQ256 (256 bytes) all reach recall@10
+    0.998-0.999 at nprobe 1, built in 15 s, 11 s and 790 s; PQ128 stays at 0.945 even visiting every list (its
+    error exceeds the gaps between neighbours); 4 sqrt(rows) lists instead of sqrt(rows) build 3x slower for the
+    same recall. HNSW builds too slowly at 10 M on 2 cores."""
+    nlist = max(1, min(int(round(math.sqrt(rows))), rows // TRAIN_POINTS_PER_LIST))
+    bits = 8 if rows * dim <= SQ8_MAX_CODE_BYTES else 4
+    return f"IVF{nlist},SQ{bits}"
 
 
 def rerank(features: FeatureFile, queries: torch.Tensor, candidates: np.ndarray, k: int,
            exclude: torch.Tensor) -> list[list[tuple[int, float]]]:
     """``[(position, exact score)] * <= k`` per query (Q, D): its candidate positions (Q, n) (-1 for none, as FAISS
     pads) scored against their stored rows in fp32, descending, ties to the lower position, the excluded one
-    left out."""
-    out = []
+    left out. The rows of all the queries' candidates are read once (``FeatureFile.gather``) and scored in one
+    matmul, its columns padded to a multiple of ``ROW_ALIGN`` (one kernel path for every column: equal rows get
+    equal scores)."""
+    cand = np.asarray(candidates, dtype=np.int64)  # (Q, n)
+    valid = (cand >= 0) & (cand != exclude.numpy()[:, None])  # (Q, n)
+    ids = np.unique(cand[valid])  # (U,) ascending
+    if len(ids) == 0:
+        return [[] for _ in range(len(cand))]
+    rows = torch.zeros(-(-len(ids) // ROW_ALIGN) * ROW_ALIGN, features.dim)  # (U', D)
+    rows[:len(ids)] = features.gather(ids)
     with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
-        normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
-        for q, cand, e in zip(normed, candidates, exclude.tolist()):
-            ids = np.unique(cand[(cand >= 0) & (cand != e)])  # ascending
-            if len(ids) == 0:
-                out.append([])
-                continue
-            sims = q.unsqueeze(0) @ features.gather(ids).t()  # (1, n)
-            scores, pos = _order(sims, torch.from_numpy(ids).unsqueeze(0), k)
-            out.append(list(zip(pos[0].tolist(), scores[0].tolist())))
-    return out
+        sims = F.normalize(queries.float().cpu(), dim=1) @ rows.t()  # (Q, U')
+    column = torch.from_numpy(np.searchsorted(ids, np.where(valid, cand, ids[0])))  # (Q, n)
+    scores = torch.where(torch.from_numpy(valid), sims.gather(1, column), float("-inf"))  # (Q, n)
+    positions = torch.from_numpy(np.where(valid, cand, np.iinfo(np.int64).max))  # (Q, n) invalid: last
+    scores, positions = _order(scores, positions, k)
+    return [[(g, v) for g, v in zip(p, sc) if v != float("-inf")]
+            for p, sc in zip(positions.tolist(), scores.tolist())]
 
 
 def faiss_search(index: Any, features: FeatureFile, queries: torch.Tensor, k: int, exclude: torch.Tensor,
@@ -196,15 +236,16 @@ def _recall_at_10(index: Any, features: FeatureFile, held_out: np.ndarray, truth
     return float(np.mean(found)) if found else 1.0
 
 
-def build_faiss(features: FeatureFile, out_path: str, seed: int = 0, log=print) -> dict:
+def build_faiss(features: FeatureFile, out_path: str, seed: int = 0, log=print, spec: str | None = None) -> dict:
     """Builds the FAISS index of the stored rows into ``out_path`` (``faiss_spec``): k-means and quantiser
     trained on ``TRAIN_POINTS_PER_LIST`` rows per list that are not among the ``RECALL_QUERIES`` held-out rows,
     every row added chunk by chunk, then ``nprobe`` doubled from 1 until recall@10 against ``exact_top_k`` on the
     held-out rows (each left out of its own results) reaches ``RECALL_TARGET``. Returns ``{spec, nprobe,
-    recall_at_10, recall_queries, build_s}``; ``log`` gets one line with the recall."""
+    recall_at_10, recall_queries, build_s}``; ``log`` gets one line with the recall. ``spec``: another FAISS
+    index factory string with an inverted file (for measurements)."""
     faiss = import_faiss()
     start = time.perf_counter()
-    spec = faiss_spec(features.rows, features.dim)
+    spec = spec or faiss_spec(features.rows, features.dim)
     index = faiss.index_factory(features.dim, spec, faiss.METRIC_INNER_PRODUCT)
     held_out = _sample(features.rows, RECALL_QUERIES, seed, 0)
     nlist = faiss.extract_index_ivf(index).nlist

@@ -1,27 +1,45 @@
 """The raw feature file of a gallery index: ``rows x dim`` values of one dtype (float32 or float16), row after row,
 no header (the manifest, ``gallery_index``, says what it holds).
 
-``FeatureFile`` reads it in chunks of rows with ``os.preadv`` into one buffer that it reuses, so the memory that a
-search over it takes is that buffer's, whatever the number of rows (the pages it reads go to the page cache, which
-the kernel gives back when it needs them, and are no part of the process's resident size); ``FeatureWriter``
-appends rows to it. A row range ``[start, stop)`` is all that a reader needs: a shard of the gallery is a row range
-of one file."""
+``FeatureFile.chunks`` converts it, chunk by chunk of rows, into one float32 buffer that it reuses, reading the rows
+from a read-only memory map and dropping the mapped pages of each chunk after it (``madvise(MADV_DONTNEED)``): the
+memory that a search over it takes is that buffer's, whatever the number of rows (the file's pages stay in the page
+cache, which the kernel gives back when it needs them, and are no part of the process's resident size). Reading
+through the map saves the copy that ``pread`` makes: the conversion reads the page cache itself. Row lookups
+(``gather``) and raw copies (``read_raw``) use ``os.preadv``. ``FeatureWriter`` appends rows. A row range
+``[start, stop)`` is all that a reader needs: a shard of the gallery is a row range of one file."""
 from __future__ import annotations
 
+import math
+import mmap
 import os
+import warnings
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SUFFIX = {"float32": "f32", "float16": "f16"}  # the feature file's name ends so
-READ_CHUNK_BYTES = 16 << 20  # bytes of stored rows read at a time: 16 MiB stays in a CPU's last-level cache
+READ_CHUNK_BYTES = 4 << 20  # bytes of stored rows converted at a time: the chunk and its float32 copy stay in cache
 ROW_ALIGN = 64  # a chunk's rows are a multiple of this: every column of a chunk's matmul takes the same kernel path
 
 
 class IndexDamaged(Exception):
     """A feature file that does not hold what its manifest says (a wrong size, values that are not finite)."""
+
+
+def check_similarities(sims: torch.Tensor, first_row: int) -> None:
+    """Raises ``IndexDamaged`` naming the rows when the similarities (Q, C) of the rows ``first_row ...`` are not
+    all finite: a stored row holding NaN or infinity gives a NaN or infinite similarity with every query (0 x inf
+    is NaN), and a finite unit row gives a finite one. One sum (the similarities are at most 1 in magnitude, so it
+    cannot overflow); the rows are found only when it is not finite."""
+    if math.isfinite(float(sims.sum())):
+        return
+    bad = (torch.nonzero(~torch.isfinite(sims).all(dim=0)).flatten() + first_row).tolist()
+    raise IndexDamaged(f"'features' hold NaN or infinite values in row{'s' * (len(bad) > 1)} "
+                       f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}")
 
 
 class FeatureFile:
@@ -43,19 +61,24 @@ class FeatureFile:
                                f"for {self.rows} files")
         per_chunk = max(ROW_ALIGN, int(chunk_bytes) // self.row_bytes // ROW_ALIGN * ROW_ALIGN)
         self.rows_per_chunk = min(per_chunk, -(-max(self.rows, 1) // ROW_ALIGN) * ROW_ALIGN)
-        self._raw: np.ndarray | None = None  # (rows_per_chunk, dim) of dtype: the read buffer, made on first use
-        self._f32: torch.Tensor | None = None  # (rows_per_chunk, dim) fp32: float16 rows converted, reused
+        self._map: mmap.mmap | None = None  # the rows, mapped on the first ``chunks``
+        self._mapped: torch.Tensor | None = None  # (rows, dim) of dtype: a view of the map, never written
+        self._raw: np.ndarray | None = None  # (rows_per_chunk, dim) of dtype: read_raw's buffer
+        self._f32: torch.Tensor | None = None  # (rows_per_chunk, dim) fp32: chunks' buffer
 
     @property
     def buffer_bytes(self) -> int:
-        """Bytes held by the reader's buffers: the raw chunk and, for a float16 file, its float32 copy (a float32
-        file is read straight into its float32 buffer)."""
-        if self._f32 is None:
-            return 0
-        return self._f32.numel() * 4 + (self._raw.nbytes if self.np_dtype != np.float32 else 0)
+        """Bytes held by the reader's buffers: the float32 chunk of ``chunks`` and the raw chunk of ``read_raw``,
+        each made on first use."""
+        return (self._f32.numel() * 4 if self._f32 is not None else 0) + (
+            self._raw.nbytes if self._raw is not None else 0)
 
     def close(self) -> None:
-        """Closes the file."""
+        """Closes the file and its memory map."""
+        if self._map is not None:
+            self._mapped = None
+            self._map.close()
+            self._map = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -75,36 +98,47 @@ class FeatureFile:
                 raise IndexDamaged(f"the feature file {os.path.basename(self.path)} ends at byte {offset}")
             view, offset = view[got:], offset + got
 
-    def _make_buffers(self) -> None:
-        self._f32 = torch.zeros(self.rows_per_chunk, self.dim, dtype=torch.float32)  # (rows_per_chunk, D)
-        self._raw = self._f32.numpy() if self.np_dtype == np.float32 else \
-            np.zeros((self.rows_per_chunk, self.dim), dtype=self.np_dtype)
-
     def read_raw(self, start: int, n: int) -> np.ndarray:
         """Rows ``[start, start + n)`` (n <= rows_per_chunk) as stored, (n, dim): a view of the reused buffer,
         valid until the next read."""
         if self._raw is None:
-            self._make_buffers()
+            self._raw = np.empty((self.rows_per_chunk, self.dim), dtype=self.np_dtype)
         out = self._raw[:n]
         self._pread(out, start)
         return out
 
-    def chunks(self, start: int = 0, stop: int | None = None, check_finite: bool = True,
+    def _map_rows(self) -> torch.Tensor:
+        if self._mapped is None:
+            self._map = mmap.mmap(self.fd, self.rows * self.row_bytes, prot=mmap.PROT_READ)
+            with warnings.catch_warnings():  # the map is read-only, and the tensor is only read
+                warnings.simplefilter("ignore", UserWarning)
+                flat = torch.frombuffer(self._map, dtype=TORCH_DTYPES[self.dtype], count=self.rows * self.dim)
+            self._mapped = flat.view(self.rows, self.dim)
+        return self._mapped
+
+    def _drop_pages(self, start: int, stop: int) -> None:
+        """Unmaps the resident pages of the rows ``[start, stop)`` (they stay in the page cache)."""
+        first = start * self.row_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        self._map.madvise(mmap.MADV_DONTNEED, first, stop * self.row_bytes - first)
+
+    def chunks(self, start: int = 0, stop: int | None = None,
                padded: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
         """``(first row, rows (C, dim) float32)`` for the rows ``[start, stop)`` in chunks of ``rows_per_chunk``;
         each tensor is a view of the reused buffer, valid until the next chunk. ``padded``: every tensor has
-        ``rows_per_chunk`` rows, zero after the last one asked for (a matmul of one shape for every chunk).
-        ``check_finite``: a chunk that holds NaN or infinity raises ``IndexDamaged``."""
+        ``rows_per_chunk`` rows, zero after the last one asked for (a matmul of one shape for every chunk). The
+        values are not checked: a caller finds a non-finite row in its similarities (``check_similarities``)."""
         stop = self.rows if stop is None else min(stop, self.rows)
+        if stop <= start:
+            return
+        mapped = self._map_rows()
+        if self._f32 is None:
+            self._f32 = torch.zeros(self.rows_per_chunk, self.dim, dtype=torch.float32)  # (rows_per_chunk, D)
         for row in range(start, stop, self.rows_per_chunk):
             n = min(self.rows_per_chunk, stop - row)
-            raw = self.read_raw(row, n)  # (n, D) as stored
-            if self.np_dtype != np.float32:
-                self._f32[:n].copy_(torch.from_numpy(raw))
+            self._f32[:n].copy_(mapped[row:row + n])  # (n, D) converted to float32
+            self._drop_pages(row, row + n)
             if padded and n < self.rows_per_chunk:
                 self._f32[n:].zero_()
-            if check_finite and not bool(torch.isfinite(self._f32[:n]).all()):
-                raise IndexDamaged(f"'features' hold NaN or infinite values in rows {row}..{row + n - 1}")
             yield row, (self._f32 if padded else self._f32[:n])
 
     def gather(self, ids: Sequence[int], check_finite: bool = True) -> torch.Tensor:
@@ -120,10 +154,11 @@ class FeatureFile:
             for run in np.split(np.arange(len(ids)), breaks):
                 self._pread(staged[run[0]:run[-1] + 1], int(sorted_ids[run[0]]))
             out[order] = staged
-        rows = torch.from_numpy(out).float()
-        if check_finite and not bool(torch.isfinite(rows).all()):
-            raise IndexDamaged("'features' hold NaN or infinite values")
-        return rows
+        if check_finite and not np.isfinite(out).all():
+            bad = sorted(int(i) for i in ids[~np.isfinite(out).all(axis=1)])
+            raise IndexDamaged(f"'features' hold NaN or infinite values in row{'s' * (len(bad) > 1)} "
+                               f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}")
+        return torch.from_numpy(out).float()
 
 
 class FeatureWriter:

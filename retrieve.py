@@ -1,19 +1,26 @@
 """Query a trained checkpoint: rank the images of a folder for a source image + modification text.
 
     python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --image IMG --text "TEXT" [--top_k 10]
-        [--out grid.png] [--json results.jsonl] [--device auto]
+        [--out grid.png] [--json results.jsonl] [--device auto] [--index_dtype float32] [--backend exact]
     python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --queries queries.csv [--top_k 10]
         [--json results.jsonl] [--out_dir DIR]
 
 Every model setting comes from the checkpoint (this project's or the original code's). The gallery is every image
 file under DIR (jpg, jpeg, png, webp, bmp, any case), searched recursively, in sorted path order; its features
-are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and ranked as the evaluation
-ranks them (``test_retrieval.top_k``: cosine similarity, ties to the lower gallery position); a query image that
-is itself a gallery file is left out of its own results; an entry named like an image that is not a regular file
-(a FIFO, a socket, a device, a dangling link, a folder) is skipped with a warning. ``--index FILE`` keeps the
-gallery's features between calls and encodes only the files added or changed since; it replaces only a file that
-is a retrieve.py index. Every output path is checked before the model is loaded; missing folders above an output
-are made.
+are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and, with ``--backend exact``
+(the default) and ``--index_dtype float32`` (the default), ranked as the evaluation ranks them (cosine similarity,
+ties to the lower gallery position), chunk by chunk of stored rows (``ann.exact_search``: the memory it takes does
+not grow with the gallery); a query image that is itself a gallery file is left out of its own results; an entry
+named like an image that is not a regular file (a FIFO, a socket, a device, a dangling link, a folder) is skipped
+with a warning.
+
+``--index FILE`` keeps the gallery's features between calls (``gallery_index``: FILE is a JSON manifest, the
+features a raw file beside it) and encodes only the files added or changed since; a build that was stopped goes
+on where it stopped; it replaces only a file that is a retrieve.py index. ``--index_dtype float16`` halves the
+stored features (rankings equal up to float16 rounding). ``--backend faiss`` searches an approximate inverted-file
+index (faiss-cpu, built beside the manifest and rebuilt when the features change; its recall@10 is measured when it
+is built, printed and recorded) and re-ranks its candidates with their exact scores. Every output path is checked
+before the model is loaded; missing folders above an output are made.
 """
 from __future__ import annotations
 
