@@ -32,6 +32,7 @@ FAISS_MISSING = "--backend faiss needs faiss: pip install faiss-cpu"
 BACKENDS = ("exact", "faiss")
 MAX_SIM_ELEMS = 1 << 24  # (queries x chunk rows) similarities computed at once: 64 MiB of fp32
 CANDIDATES_PER_RESULT = 10  # FAISS candidates re-ranked exactly per result asked for
+RERANK_BLOCK = 64  # queries re-ranked together: their candidates' rows read once, one matmul
 RECALL_TARGET = 0.985  # recall@10 that build_faiss tunes nprobe for, on held-out rows
 RECALL_QUERIES = 1000  # held-out rows that build_faiss measures recall on
 SQ8_MAX_CODE_BYTES = 2 << 30  # SQ8 codes (rows x dim bytes) up to this size; SQ4 above it
@@ -211,13 +212,17 @@ def rerank(features: FeatureFile, queries: torch.Tensor, candidates: np.ndarray,
 def faiss_search(index: Any, features: FeatureFile, queries: torch.Tensor, k: int, exclude: torch.Tensor,
                  nprobe: int) -> list[list[tuple[int, float]]]:
     """``[(position, exact score)] * <= k`` per query (Q, D): ``CANDIDATES_PER_RESULT * k`` candidates from the
-    FAISS ``index`` visiting ``nprobe`` lists, re-ranked exactly (``rerank``), the excluded position (Q,) left out."""
+    FAISS ``index`` visiting ``nprobe`` lists, re-ranked exactly (``rerank``, ``RERANK_BLOCK`` queries at a time),
+    the excluded position (Q,) left out."""
     faiss = import_faiss()
     faiss.extract_index_ivf(index).nprobe = int(nprobe)
     n = min(features.rows, CANDIDATES_PER_RESULT * k + 1)
-    normed = F.normalize(queries.float().cpu(), dim=1).numpy()  # (Q, D)
-    _, candidates = index.search(np.ascontiguousarray(normed, dtype=np.float32), n)  # (Q, n)
-    return rerank(features, queries, candidates, k, exclude)
+    normed = np.ascontiguousarray(F.normalize(queries.float().cpu(), dim=1).numpy(), dtype=np.float32)  # (Q, D)
+    out = []
+    for q0 in range(0, len(normed), RERANK_BLOCK):  # (block, block x n) similarities at a time
+        _, candidates = index.search(normed[q0:q0 + RERANK_BLOCK], n)  # (B, n)
+        out += rerank(features, queries[q0:q0 + RERANK_BLOCK], candidates, k, exclude[q0:q0 + RERANK_BLOCK])
+    return out
 
 
 def _sample(pool: np.ndarray | int, n: int, seed: int, draw: int) -> np.ndarray:
@@ -238,7 +243,8 @@ def _recall_at_10(index: Any, features: FeatureFile, held_out: np.ndarray, truth
 
 def build_faiss(features: FeatureFile, out_path: str, seed: int = 0, log=print, spec: str | None = None) -> dict:
     """Builds the FAISS index of the stored rows into ``out_path`` (``faiss_spec``): k-means and quantiser
-    trained on ``TRAIN_POINTS_PER_LIST`` rows per list that are not among the ``RECALL_QUERIES`` held-out rows,
+    trained on ``TRAIN_POINTS_PER_LIST`` rows per list that are not among the ``RECALL_QUERIES`` held-out rows
+    (where the gallery has that many),
     every row added chunk by chunk, then ``nprobe`` doubled from 1 until recall@10 against ``exact_top_k`` on the
     held-out rows (each left out of its own results) reaches ``RECALL_TARGET``. Returns ``{spec, nprobe,
     recall_at_10, recall_queries, build_s}``; ``log`` gets one line with the recall. ``spec``: another FAISS
@@ -249,7 +255,9 @@ def build_faiss(features: FeatureFile, out_path: str, seed: int = 0, log=print, 
     index = faiss.index_factory(features.dim, spec, faiss.METRIC_INNER_PRODUCT)
     held_out = _sample(features.rows, RECALL_QUERIES, seed, 0)
     nlist = faiss.extract_index_ivf(index).nlist
-    pool = np.setdiff1d(np.arange(features.rows), held_out) if features.rows > len(held_out) else held_out
+    pool = np.setdiff1d(np.arange(features.rows), held_out)
+    if len(pool) < nlist * TRAIN_POINTS_PER_LIST:  # a small gallery: every row trains (FAISS wants 39 per list)
+        pool = np.arange(features.rows)
     train_ids = _sample(pool, nlist * TRAIN_POINTS_PER_LIST, seed, 1)
     index.train(np.ascontiguousarray(features.gather(train_ids).numpy()))
     for _, chunk in features.chunks():

@@ -283,13 +283,24 @@ class _GalleryEncoder:
         return feats, {i for i, p in enumerate(full) if p in bad}
 
 
-def _rank_index(args, path: str, update: gallery_index.Update, query_feats: torch.Tensor,
-                exclude: torch.Tensor) -> list[list[tuple[int, float]]]:
-    """``[(gallery position, score)]`` per query from the index's feature file, by ``--backend``."""
+def _rank_index(args, path: str, update: gallery_index.Update, queries: list[dict],
+                query_feats: torch.Tensor) -> tuple[list[str], list[list[tuple[int, float]]]]:
+    """``(relative paths (G,), [(gallery position, score)] per query)`` from the index's feature file, by
+    ``--backend``; a query's own image (a gallery file) is left out of its results."""
+    paths = update.index["files"]
+    where = {f: i for i, f in enumerate(paths)}
+    exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries],
+                           dtype=torch.long)  # (Q,)
     if args.backend == "faiss":
         index, nprobe = gallery_index.faiss_index(path, update.index, update.features, durable=bool(args.index))
-        return ann.faiss_search(index, update.features, query_feats, args.top_k, exclude, nprobe)
-    return ann.exact_search(update.features, query_feats, args.top_k, exclude)
+        return paths, ann.faiss_search(index, update.features, query_feats, args.top_k, exclude, nprobe)
+    return paths, ann.exact_search(update.features, query_feats, args.top_k, exclude)
+
+
+def _check_readable(args, update: gallery_index.Update, files: Sequence) -> None:
+    """UserInputError when no gallery file could be read (a file whose features are not finite was read)."""
+    if update.index is None and not update.nonfinite:
+        raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
 
 
 def search_gallery(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
@@ -313,25 +324,22 @@ def search_gallery(args, model, image_size: int, identity: dict, files: list[tup
         try:
             if update.bad or skipped:
                 _warn_skipped(update.bad + list(skipped))
-            if update.index is None:
-                raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
+            _check_readable(args, update, files)
             bad_q = int((~torch.isfinite(query_feats).all(dim=1)).sum())
-            if bad_q or update.nonfinite:
+            if bad_q or update.nonfinite:  # a diverged model: the counts the evaluation gives
+                rows = update.index["rows"] if update.index is not None else 0
                 raise test_retrieval.NonFiniteFeaturesError(bad_q, len(queries), len(update.nonfinite),
-                                             update.index["rows"] + len(update.nonfinite))
+                                                            rows + len(update.nonfinite))
             logger.info("index %s: %d files (%d encoded now)", args.index, update.index["rows"], update.encoded)
-            paths = update.index["files"]
-            where = {f: i for i, f in enumerate(paths)}
-            exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries],
-                                   dtype=torch.long)  # (Q,)
             try:
-                return paths, _rank_index(args, path, update, query_feats, exclude)
+                return _rank_index(args, path, update, queries, query_feats)
             except IndexDamaged as exc:
                 gallery_index.notice(f"{path} is damaged ({exc}); rebuilding it")
                 update.features.close()
                 update = gallery_index.update_index(path, identity, args.index_dtype, files, query_feats.shape[1],
                                                     encoder, rebuild=True, **kw)
-                return update.index["files"], _rank_index(args, path, update, query_feats, exclude)
+                _check_readable(args, update, files)
+                return _rank_index(args, path, update, queries, query_feats)
         finally:
             if update.features is not None:
                 update.features.close()

@@ -16,6 +16,7 @@ import torch
 import factory
 import gallery_index
 import retrieve
+from checkpoint import read_checkpoint, save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -137,3 +138,20 @@ def test_a_stopped_build_resumes_where_it_stopped(query, gallery, tmp_path, monk
     fresh, _ = ask(query, tmp_path, "--index", index)
     assert [r["path"] for r in fresh] == [r["path"] for r in resumed]
     assert [r["score"] for r in fresh] == pytest.approx([r["score"] for r in resumed], abs=1e-5)
+
+
+def test_a_diverged_checkpoint_is_one_line_exit_1_and_stores_no_features(query, triplets_run, tmp_path):
+    state = read_checkpoint(triplets_run["ckpt"])
+    state["model_state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                                 for k, v in state["model_state_dict"].items()}
+    bad = str(tmp_path / "nan.pth")
+    save_checkpoint(bad, state)
+    argv = list(query)
+    argv[argv.index("--model_checkpoint") + 1] = bad
+    index = str(tmp_path / "index.json")
+    rc, out, err = call(*argv, "--index", index)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 1 and out == "" and lines == [
+        "retrieve.py: error: the features of 1 of 1 queries and 18 of 18 gallery items are not finite (NaN or "
+        "infinite): the model's weights or activations diverged, so no recall is reported"], err
+    assert not os.path.exists(index)  # nothing finite to keep
