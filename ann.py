@@ -2,15 +2,17 @@
 
 ``exact_top_k`` ranks as the evaluation ranks (``test_retrieval.top_k``): cosine similarity of the L2-normalised
 query against the stored rows in fp32 (float16 rows converted chunk by chunk), descending, ties to the lower
-gallery position. It reads the rows in chunks into one reused buffer, keeps each chunk's top k with that tie rule
-and merges them, so its memory is the buffer's and (Q, k) whatever the gallery's size.
+gallery position. It converts the rows chunk by chunk into one reused float32 buffer (``FeatureFile.chunks``),
+gathers their similarities into a buffer of at most ``MAX_SIM_ELEMS``, keeps that buffer's top k with the tie rule
+and merges it into the running top k, so its memory is those two buffers' whatever the gallery's size.
 
 The FAISS backend (faiss-cpu, an optional dependency) is an inverted-file index with scalar-quantised codes (SQ8,
 SQ4 for a large gallery: ``faiss_spec``). It proposes ``CANDIDATES_PER_RESULT * k`` candidates per query, whose stored
 rows are read back and scored exactly (``rerank``): every score it reports is the exact cosine of the stored
 vectors, and its order is the exact search's order among the candidates. ``build_faiss`` trains it, adds the rows
-chunk by chunk, and picks the smallest ``nprobe`` (lists visited per query) whose recall@10 against exact search on
-held-out rows reaches ``RECALL_TARGET``, recording the figure.
+chunk by chunk, and picks the smallest ``nprobe`` (lists visited per query) whose recall@10 against exact search
+reaches ``RECALL_TARGET`` on gallery rows held out of its training (each left out of its own results), recording
+the figure.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from seeding import Stream, seeded_rng
 
 FAISS_MISSING = "--backend faiss needs faiss: pip install faiss-cpu"
 BACKENDS = ("exact", "faiss")
-MAX_SIM_ELEMS = 1 << 24  # (queries x chunk rows) similarities computed at once: 64 MiB of fp32
+MAX_SIM_ELEMS = 1 << 24  # (queries x gallery rows) similarities held at once: 64 MiB of fp32
 CANDIDATES_PER_RESULT = 10  # FAISS candidates re-ranked exactly per result asked for
 RERANK_BLOCK = 64  # queries re-ranked together: their candidates' rows read once, one matmul
 RECALL_TARGET = 0.985  # recall@10 that build_faiss tunes nprobe for, on held-out rows

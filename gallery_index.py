@@ -38,7 +38,7 @@ from tqdm import tqdm
 import ann
 from checkpoint import WriteFailed, atomic_write
 from errors import UserInputError
-from feature_store import DTYPES, SUFFIX, FeatureFile, FeatureWriter, IndexDamaged, memory_map
+from feature_store import DTYPES, SUFFIX, FeatureFile, FeatureWriter, memory_map
 
 INDEX_FORMAT = "composeae-retrieve-index/2"
 INDEX_FORMAT_FAMILY = "composeae-retrieve-index/"  # every version's format starts so: such a file may be replaced

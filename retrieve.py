@@ -47,7 +47,7 @@ from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import UserInputError
 from feature_store import DTYPES, IndexDamaged
 from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
-from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (load_index, save_index: the API)
+from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (retrieve.load_index and retrieve.save_index are called by benchmark.py)
 
 logger = logging.getLogger("retrieve")
 
