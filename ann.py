@@ -99,8 +99,11 @@ class RunningTopK:
     def add(self, sims: torch.Tensor, first_column: int) -> None:
         """Merges the similarities ``sims`` (Q, C) of the columns ``first_column ...`` (after the kept ones)."""
         s, i = _chunk_top_k(sims, self.k)
-        self.scores, self.ids = _order(torch.cat([self.scores, s], 1), torch.cat([self.ids, i + first_column], 1),
-                                       self.k)
+        self.merge(s, i + first_column)
+
+    def merge(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        """Merges ranked ``(scores, ids)`` (Q, n) of columns after the kept ones (a shard's ``exact_top_k``)."""
+        self.scores, self.ids = _order(torch.cat([self.scores, scores], 1), torch.cat([self.ids, ids], 1), self.k)
 
 
 def _blocks(n_queries: int, rows: int, rows_per_chunk: int) -> tuple[int, int]:
@@ -111,16 +114,18 @@ def _blocks(n_queries: int, rows: int, rows_per_chunk: int) -> tuple[int, int]:
     return block, min(columns, -(-rows // rows_per_chunk) * rows_per_chunk)
 
 
-def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int,
-                exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores, positions)`` (Q, min(k, G)) of every query (Q, D) against the stored rows, as
-    ``test_retrieval.top_k`` ranks them (cosine in fp32, descending, ties to the lower position); ``exclude`` (Q,)
-    is a position left out of that query's ranking (-1 for none): it comes last with score -inf.
+def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
+                start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, positions)`` (Q, min(k, G)) of every query (Q, D) against the stored rows ``[start, stop)`` (a
+    shard; default all), as ``test_retrieval.top_k`` ranks them (cosine in fp32, descending, ties to the lower
+    position); positions are the gallery's. ``exclude`` (Q,) is a position left out of that query's ranking (-1
+    for none): it comes last with score -inf. Shards' results merge with ``RunningTopK.merge`` in row order.
 
     The rows are read in chunks of one shape (``FeatureFile.chunks(padded=True)``: a row's score does not depend on
     its chunk), and their similarities gathered into a (queries, columns) buffer of at most ``MAX_SIM_ELEMS``
     (``_blocks``), whose top k is merged into the running top k (``RunningTopK``)."""
-    n_queries, rows, per_chunk = queries.shape[0], features.rows, features.rows_per_chunk
+    stop = features.rows if stop is None else min(stop, features.rows)
+    n_queries, rows, per_chunk = queries.shape[0], max(0, stop - start), features.rows_per_chunk
     kk = min(int(k), rows)
     scores = torch.empty(n_queries, kk, dtype=torch.float32)  # (Q, k)
     positions = torch.empty(n_queries, kk, dtype=torch.long)  # (Q, k)
@@ -134,10 +139,10 @@ def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int,
             q = normed[q0:q0 + block]  # (B, D)
             excl = None if exclude is None else exclude[q0:q0 + block].cpu()  # (B,)
             best = RunningTopK(q.shape[0], kk)
-            for s0 in range(0, rows, columns):
-                s_n = min(columns, rows - s0)
+            for s0 in range(start, stop, columns):
+                s_n = min(columns, stop - s0)
                 for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
-                    n = min(per_chunk, rows - row0)
+                    n = min(per_chunk, stop - row0)
                     sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
                 sims = sims_buf[:q.shape[0], :s_n]  # (B, s_n)
                 check_similarities(sims, s0)

@@ -82,6 +82,21 @@ def test_query_blocks_and_similarity_buffer_are_bounded_and_give_the_same_rankin
     assert torch.equal(whole[1], small[1]) and torch.allclose(whole[0], small[0], rtol=0, atol=1e-6)
 
 
+def test_shards_of_rows_merge_into_the_whole_search(tmp_path):
+    gallery, queries = tricky_gallery()
+    path = write_features(str(tmp_path / "f.f32"), gallery)
+    exclude = torch.tensor([-1, 2, 3, 0, 2999] + [-1] * 35)
+    with FeatureFile(path, *gallery.shape, "float32", chunk_bytes=48 * 4 * 64) as features:
+        whole = ann.exact_top_k(features, queries, 20, exclude)
+        merged = ann.RunningTopK(40, 20)
+        for start, stop in ((0, 1216), (1216, 2000), (2000, 3000)):  # row ranges; a shard's positions are global
+            scores, positions = ann.exact_top_k(features, queries, 20, exclude, start, stop)
+            assert bool(((positions >= start) & (positions < stop)).all())
+            merged.merge(scores, positions)
+    assert torch.equal(merged.ids, whole[1]) and torch.equal(merged.scores, whole[0])
+    assert merged.ids[1, :5].tolist() == [50, 100, 101, 102, 103]  # ties across shards: the lower position
+
+
 def near_tie_equal(got: list[list[tuple[int, float]]], want: list[list[tuple[int, float]]], exact: torch.Tensor,
                    tol: float) -> None:
     """Every position that one top-k holds and the other does not scores (exactly, ``exact`` (Q, G)) within
