@@ -422,30 +422,29 @@ def update_index(path: str, identity: dict, dtype: str, files: Sequence[FileEntr
         if index is not None and index["dim"] != dim:  # the model's width is known from its query features
             notice(f"{path} is damaged ('features' are {index['dim']} wide, the model's {dim}); rebuilding it")
             index = None
-        readers: list[FeatureFile] = []
-        places: dict = {}
-        if index is not None:
-            readers.append(open_features(index))
-            places = {f: (readers[0], i) for i, f in enumerate(index["entries"])}
-        wanted = set(files)
-        plan = [f for f in files if f not in places]
-        build = None if rebuild else read_build(path, identity, dtype, dim)
-        if build is not None and build.plan != plan:
-            readers.append(_salvage(build, wanted, places))
-            build, plan = None, [f for f in files if f not in places]
-        if build is not None and build.rows:
-            notice(f"resuming the build of {path}: {build.rows} of {len(build.plan)} images were encoded")
-        if build is None and plan:
-            build = start_build(path, identity, dtype, dim, plan, durable)
-        encoded = 0
-        if build is not None:
-            encoded = len(build.plan) - build.rows
-            encode_rest(build, encode, durable, progress)
-            readers.append(FeatureFile(build.feature_path, build.rows, dim, dtype, exact_size=False))
-            for i in build.usable():
-                places[build.plan[i]] = (readers[-1], i)
-        kept = [f for f in files if f in places]
+        readers: list[FeatureFile] = []  # the sources of rows, closed before the lock is released
         try:
+            places: dict = {}
+            if index is not None:
+                readers.append(open_features(index))
+                places = {f: (readers[0], i) for i, f in enumerate(index["entries"])}
+            plan = [f for f in files if f not in places]
+            build = None if rebuild else read_build(path, identity, dtype, dim)
+            if build is not None and build.plan != plan:
+                readers.append(_salvage(build, set(files), places))
+                build, plan = None, [f for f in files if f not in places]
+            if build is not None and build.rows:
+                notice(f"resuming the build of {path}: {build.rows} of {len(build.plan)} images were encoded")
+            if build is None and plan:
+                build = start_build(path, identity, dtype, dim, plan, durable)
+            encoded = 0
+            if build is not None:
+                encoded = len(build.plan) - build.rows
+                encode_rest(build, encode, durable, progress)
+                readers.append(FeatureFile(build.feature_path, build.rows, dim, dtype, exact_size=False))
+                for i in build.usable():
+                    places[build.plan[i]] = (readers[-1], i)
+            kept = [f for f in files if f in places]
             if kept and (index is None or kept != index["entries"]):
                 index = commit(path, identity, dtype, dim, kept, [places[f] for f in kept], durable,
                                movable=readers[-1] if build is not None else None)
