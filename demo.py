@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 import distributed
+import gallery_index
 import retrieve
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
@@ -186,10 +187,20 @@ def build_state(args: argparse.Namespace) -> DemoState:
     image_size = int(margs.image_size)
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": image_size,
                 "model": str(margs.model)}
-    # gallery_features tells the model's width from its query features: one probe query gives them
+    # the index's width is the model's, told by one probe query's features
     probe = [{"path": os.path.join(args.gallery, files[0][0]), "text": "image"}]
+    _, probe_feats, _ = retrieve.encode(model, image_size, [], probe, batch_size=1, device=device,
+                                        num_workers=0)  # (1, D)
     options = argparse.Namespace(index=args.index, gallery=args.gallery, batch_size=args.batch_size, num_workers=0)
-    paths, feats, _ = retrieve.gallery_features(options, model, image_size, identity, files, probe, device)
+    encoder = retrieve._GalleryEncoder(options, model, image_size, device, probe)
+    with tempfile.TemporaryDirectory(prefix="demo-") as tmp:  # the index without --index is a throw-away one
+        update = gallery_index.update_index(args.index or os.path.join(tmp, "index.json"), identity, "float32",
+                                            files, probe_feats.shape[1], encoder, durable=bool(args.index))
+        if update.index is None:
+            raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
+        with update.features:
+            feats = torch.cat([rows.clone() for _, rows in update.features.chunks()])  # (G, D) L2-normalised
+        paths = list(update.index["files"])
     return DemoState(model=model, image_size=image_size, device=device, gallery=args.gallery,
                      root=os.path.realpath(args.gallery), files=tuple(paths),
                      where={p: i for i, p in enumerate(paths)}, feats=feats, checkpoint=args.model_checkpoint,

@@ -1,19 +1,26 @@
 """Query a trained checkpoint: rank the images of a folder for a source image + modification text.
 
     python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --image IMG --text "TEXT" [--top_k 10]
-        [--out grid.png] [--json results.jsonl] [--device auto]
+        [--out grid.png] [--json results.jsonl] [--device auto] [--index_dtype float32] [--backend exact]
     python retrieve.py --model_checkpoint CKPT --gallery DIR [--index FILE] --queries queries.csv [--top_k 10]
         [--json results.jsonl] [--out_dir DIR]
 
 Every model setting comes from the checkpoint (this project's or the original code's). The gallery is every image
 file under DIR (jpg, jpeg, png, webp, bmp, any case), searched recursively, in sorted path order; its features
-are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and ranked as the evaluation
-ranks them (``test_retrieval.top_k``: cosine similarity, ties to the lower gallery position); a query image that
-is itself a gallery file is left out of its own results; an entry named like an image that is not a regular file
-(a FIFO, a socket, a device, a dangling link, a folder) is skipped with a warning. ``--index FILE`` keeps the
-gallery's features between calls and encodes only the files added or changed since; it replaces only a file that
-is a retrieve.py index. Every output path is checked before the model is loaded; missing folders above an output
-are made.
+are computed in batches with the evaluation's code (``test_retrieval.encode_task``) and, with ``--backend exact``
+(the default) and ``--index_dtype float32`` (the default), ranked as the evaluation ranks them (cosine similarity,
+ties to the lower gallery position), chunk by chunk of stored rows (``ann.exact_search``: the memory it takes does
+not grow with the gallery); a query image that is itself a gallery file is left out of its own results; an entry
+named like an image that is not a regular file (a FIFO, a socket, a device, a dangling link, a folder) is skipped
+with a warning.
+
+``--index FILE`` keeps the gallery's features between calls (``gallery_index``: FILE is a JSON manifest, the
+features a raw file beside it) and encodes only the files added or changed since; a build that was stopped goes
+on where it stopped; it replaces only a file that is a retrieve.py index. ``--index_dtype float16`` halves the
+stored features (rankings equal up to float16 rounding). ``--backend faiss`` searches an approximate inverted-file
+index (faiss-cpu, built beside the manifest and rebuilt when the features change; its recall@10 is measured when it
+is built, printed and recorded) and re-ranks its candidates with their exact scores. Every output path is checked
+before the model is loaded; missing folders above an output are made.
 """
 from __future__ import annotations
 
@@ -28,15 +35,20 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 from typing import Any, Sequence
 
 import torch
 
+import ann
 import config
 import distributed
+import gallery_index
 from checkpoint import WriteFailed
 from errors import UserInputError, report_internal_error
-from gallery import IMAGE_SUFFIXES, file_sha256, load_index, read_index_file, save_index, scan_gallery, write_file
+from feature_store import DTYPES, IndexDamaged
+from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
+from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (benchmark.py calls retrieve.load_index and retrieve.save_index)
 
 logger = logging.getLogger("retrieve")
 
@@ -65,6 +77,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gallery", type=str, required=True, help="folder of the gallery images (searched recursively)")
     g.add_argument("--index", type=str, default="", help="file keeping the gallery's features between calls ('' = "
                                                          "encode in memory)")
+    g.add_argument("--index_dtype", type=str, default="float32", choices=list(DTYPES),
+                   help="stored features: float32 ranks as the evaluation does; float16 halves the index")
+    g.add_argument("--backend", type=str, default="exact", choices=list(ann.BACKENDS),
+                   help="exact: every stored row compared, in chunks; faiss: an approximate inverted-file index "
+                        "(faiss-cpu) whose candidates are re-ranked exactly")
     g.add_argument("--batch_size", type=int, default=32, help="images encoded per batch")
     g.add_argument("--num_workers", type=int, default=0, help="image decoding processes (0 = in this process)")
     g = p.add_argument_group("query: --image and --text, or --queries")
@@ -100,6 +117,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserInputError(f"--thumb must be {THUMB_RANGE[0]}..{THUMB_RANGE[1]} pixels, got {args.thumb}")
     if args.num_workers < 0 or args.threads < 0:
         raise UserInputError(f"--num_workers and --threads must be >= 0, got {args.num_workers}, {args.threads}")
+    if args.backend == "faiss":
+        ann.import_faiss()
     if not os.path.isfile(args.model_checkpoint):
         raise UserInputError(f"checkpoint {args.model_checkpoint} does not exist; pass --model_checkpoint PATH")
     if not os.path.isdir(args.gallery):
@@ -211,10 +230,11 @@ class _ImageFiles:
 
 
 def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequence[dict], *, batch_size: int,
-           device: torch.device, num_workers: int) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
+           device: torch.device, num_workers: int,
+           progress: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, set[str]]:
     """Gallery features (N, D) L2-normalised (``test_retrieval.normalize_rows``), query features (Q, D) and the
     unreadable gallery files, computed by the evaluation's ``encode_task`` (one pass over the images, queries
-    composed in batches)."""
+    composed in batches). ``progress``: its progress bars (None: when there are more than 4 batches of images)."""
     import test_retrieval
     from datasets import RetrievalTask
 
@@ -228,7 +248,7 @@ def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequen
         images = _ImageFiles(image_size, manager.list() if manager else [])
         query_feats, gallery_feats = test_retrieval.encode_task(
             model, images, task, batch_size=batch_size, device=device, num_workers=num_workers,
-            desc="retrieve", progress=len(keys) > 4 * batch_size)
+            desc="retrieve", progress=len(keys) > 4 * batch_size if progress is None else progress)
         bad = set(images.bad)
     finally:
         if manager is not None:
@@ -243,44 +263,86 @@ def _warn_skipped(names: Sequence[str]) -> None:
           f"{shown}", file=sys.stderr)
 
 
-def gallery_features(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
-                     queries: list[dict], device: torch.device,
-                     skipped: Sequence[str] = ()) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """``(relative paths (G,), normalised gallery features (G, D), query features (Q, D))`` of the gallery ``files``
-    (``scan_gallery``); the index reused and updated when ``--index`` is given. The unreadable files and the
-    ``skipped`` entries are named in one warning."""
-    index = load_index(args.index, identity)
-    known = {}
-    if index is not None:
-        known = {(p, s, m): i for i, (p, s, m) in enumerate(zip(index["files"], index["sizes"], index["mtimes"]))}
-    todo = [f for f in files if f not in known]
-    kw = dict(batch_size=args.batch_size, device=device, num_workers=args.num_workers)
-    new_feats, query_feats, bad = encode(model, image_size, [os.path.join(args.gallery, f[0]) for f in todo],
-                                         queries, **kw)
-    if known and index["features"].shape[1] != query_feats.shape[1]:  # the model's width is known only now
-        print(f"retrieve.py: {args.index} is damaged ('features' are {index['features'].shape[1]} wide, the "
-              f"model's {query_feats.shape[1]}); rebuilding it", file=sys.stderr)
-        index, known, todo = None, {}, list(files)
-        new_feats, query_feats, bad = encode(model, image_size, [os.path.join(args.gallery, f[0]) for f in todo],
-                                             queries, **kw)
-    new_row = {f: i for i, f in enumerate(todo)}
-    bad_rel = {os.path.relpath(p, args.gallery).replace(os.sep, "/") for p in bad}
-    if bad or skipped:
-        _warn_skipped(sorted(bad_rel) + list(skipped))
-    kept = [f for f in files if f[0] not in bad_rel]
-    if not kept:
+class _GalleryEncoder:
+    """``encode`` for the index's builds: relative paths -> (normalised rows (n, D), unreadable positions). Its
+    first call encodes the queries with the images, in one ``encode_task`` call as the images of a gallery that
+    fits one build chunk always were (the model's features of an image depend, by an ulp, on its batch):
+    ``query_feats`` then holds them."""
+
+    def __init__(self, args, model, image_size: int, device: torch.device, queries: list[dict]) -> None:
+        self.args, self.model, self.image_size, self.device, self.queries = args, model, image_size, device, queries
+        self.query_feats: torch.Tensor | None = None  # (Q, D) from the first call
+
+    def __call__(self, rel_paths: list[str]) -> tuple[torch.Tensor, set[int]]:
+        full = [os.path.join(self.args.gallery, p) for p in rel_paths]
+        queries = self.queries if self.query_feats is None else []
+        feats, query_feats, bad = encode(self.model, self.image_size, full, queries, batch_size=self.args.batch_size,
+                                         device=self.device, num_workers=self.args.num_workers, progress=False)
+        if self.query_feats is None:
+            self.query_feats = query_feats
+        return feats, {i for i, p in enumerate(full) if p in bad}
+
+
+def _rank_index(args, path: str, update: gallery_index.Update, queries: list[dict],
+                query_feats: torch.Tensor) -> tuple[list[str], list[list[tuple[int, float]]]]:
+    """``(relative paths (G,), [(gallery position, score)] per query)`` from the index's feature file, by
+    ``--backend``; a query's own image (a gallery file) is left out of its results."""
+    paths = update.index["files"]
+    where = {f: i for i, f in enumerate(paths)}
+    exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries],
+                           dtype=torch.long)  # (Q,)
+    if args.backend == "faiss":
+        index, nprobe = gallery_index.faiss_index(path, update.index, update.features, durable=bool(args.index))
+        return paths, ann.faiss_search(index, update.features, query_feats, args.top_k, exclude, nprobe)
+    return paths, ann.exact_search(update.features, query_feats, args.top_k, exclude)
+
+
+def _check_readable(args, update: gallery_index.Update, files: Sequence) -> None:
+    """UserInputError when no gallery file could be read (a file whose features are not finite was read)."""
+    if update.index is None and not update.nonfinite:
         raise UserInputError(f"gallery {args.gallery}: none of its {len(files)} image files can be read")
-    dim = index["features"].shape[1] if index is not None and known else new_feats.shape[1]
-    feats = torch.empty(len(kept), dim, dtype=torch.float32)  # (G, D)
-    for source, rows_of in ((index["features"] if index is not None else None, known), (new_feats, new_row)):
-        pos = [i for i, f in enumerate(kept) if f in rows_of]
-        if pos:
-            feats[torch.tensor(pos)] = source[torch.tensor([rows_of[kept[i]] for i in pos])].float()
-    encoded_now = len(todo) - len(bad)  # unreadable files are not stored: they are tried again next time
-    if args.index and (index is None or encoded_now or len(kept) != len(index["files"])):
-        save_index(args.index, identity, kept, feats)
-        logger.info("index %s: %d files (%d encoded now)", args.index, len(kept), encoded_now)
-    return [f[0] for f in kept], feats, query_feats
+
+
+def search_gallery(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
+                   queries: list[dict], device: torch.device,
+                   skipped: Sequence[str] = ()) -> tuple[list[str], list[list[tuple[int, float]]]]:
+    """``(relative paths (G,), [(gallery position, score)] per query)``: the queries encoded, the index of the
+    gallery ``files`` (``scan_gallery``) brought up to date (``gallery_index.update_index``; a throw-away one in a
+    temporary folder without ``--index``), and searched by ``--backend``. The unreadable files and the ``skipped``
+    entries are named in one warning; an index whose features turn out not to be finite is rebuilt once."""
+    import test_retrieval
+
+    _, query_feats, _ = encode(model, image_size, [], queries, batch_size=args.batch_size, device=device,
+                               num_workers=args.num_workers)  # (Q, D): the model's width, and the queries of a
+    encoder = _GalleryEncoder(args, model, image_size, device, queries)  # call that encodes no image
+    with tempfile.TemporaryDirectory(prefix="retrieve-") as tmp:
+        path = args.index or os.path.join(tmp, "index.json")
+        kw = dict(durable=bool(args.index), progress=len(files) > 4 * args.batch_size)
+        update = gallery_index.update_index(path, identity, args.index_dtype, files, query_feats.shape[1], encoder,
+                                            **kw)
+        query_feats = query_feats if encoder.query_feats is None else encoder.query_feats
+        try:
+            if update.bad or skipped:
+                _warn_skipped(update.bad + list(skipped))
+            _check_readable(args, update, files)
+            bad_q = int((~torch.isfinite(query_feats).all(dim=1)).sum())
+            if bad_q or update.nonfinite:  # a diverged model: the counts the evaluation gives
+                rows = update.index["rows"] if update.index is not None else 0
+                raise test_retrieval.NonFiniteFeaturesError(bad_q, len(queries), len(update.nonfinite),
+                                                            rows + len(update.nonfinite))
+            logger.info("index %s: %d files (%d encoded now)", args.index, update.index["rows"], update.encoded)
+            try:
+                return _rank_index(args, path, update, queries, query_feats)
+            except IndexDamaged as exc:
+                gallery_index.notice(f"{path} is damaged ({exc}); rebuilding it")
+                update.features.close()
+                update = gallery_index.update_index(path, identity, args.index_dtype, files, query_feats.shape[1],
+                                                    encoder, rebuild=True, **kw)
+                _check_readable(args, update, files)
+                return _rank_index(args, path, update, queries, query_feats)
+        finally:
+            if update.features is not None:
+                update.features.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -428,8 +490,7 @@ def run(args: argparse.Namespace) -> int:
     import factory
 
     validate(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ann.set_threads(args.threads)
     queries = read_queries(args)
     check_output_paths(args, len(queries))
     files, skipped = scan_gallery(args.gallery)
@@ -446,12 +507,10 @@ def run(args: argparse.Namespace) -> int:
                                                     texts=texts, ckpt=ckpt)
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
                 "model": str(margs.model)}
-    files, gallery_feats, query_feats = gallery_features(args, model, int(margs.image_size), identity, files,
-                                                         queries, device, skipped)
+    files, hits_of = search_gallery(args, model, int(margs.image_size), identity, files, queries, device, skipped)
     where = {f: i for i, f in enumerate(files)}
-    exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries], dtype=torch.long)
     ranked = []
-    for q, hits in zip(queries, rank(query_feats, gallery_feats, args.top_k, exclude)):
+    for q, hits in zip(queries, hits_of):
         target = gallery_position(q["target"], args.gallery, where) if q["target"] else None
         ranked.append([{"rank": r + 1, "path": files[g], "score": s,
                         **({} if target is None else {"correct": g == target})} for r, (g, s) in enumerate(hits)])

@@ -24,6 +24,8 @@ class Stream(enum.IntEnum):
     TRIPLETS = _BASE + 4  # the generated triplets.csv example set
     PICTURE = _BASE + 5  # the queries of the retrieval pictures drawn during training
     VAL_NOUNS = _BASE + 6  # MIT-States: the training nouns held out by --val_nouns (shared SYNTHETIC's tag before)
+    INDEX_SAMPLE = _BASE + 20  # the gallery rows a FAISS index trains on and measures its recall on (ann.py)
+    INDEX_BENCH = _BASE + 21  # the synthetic gallery and query vectors of index_bench.measure_backend
 
 
 def seed_words(*parts: int) -> list[int]:

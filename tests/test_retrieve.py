@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -90,8 +91,12 @@ def test_every_test_query_ranks_as_the_evaluation(triplets_run, gallery, tmp_pat
 
 
 def read_index(path: str) -> dict:
-    index = torch.load(path, weights_only=True)  # plain tensors, strings and ints: the safe loader reads it
-    return {**index, "files": index["files"].split("\0")}
+    """The manifest (JSON) with ``files`` its paths, ``sizes`` a tensor and ``features`` its feature file (G, D)."""
+    with open(path) as f:
+        index = json.load(f)
+    raw = np.fromfile(os.path.join(os.path.dirname(path), index["feature_file"]), dtype=index["dtype"])
+    return {**index, "files": [e[0] for e in index["files"]], "sizes": torch.tensor([e[1] for e in index["files"]]),
+            "features": torch.from_numpy(raw.reshape(index["rows"], index["dim"]).astype(np.float32))}
 
 
 def perturbed_copy(ckpt: str, path: str) -> str:

@@ -12,11 +12,12 @@ import shutil
 import signal
 import socket
 
+import numpy as np
 import pytest
 import torch
 
 import factory
-import gallery as gallery_module
+import gallery_index
 import retrieve
 from checkpoint import read_checkpoint, save_checkpoint
 
@@ -133,26 +134,42 @@ def test_index_of_another_version_is_replaced(query, tmp_path):
     rc, _, err = call(*query, "--index", index)
     assert rc == 0 and lines_of(err) == [f"retrieve.py: {index} is a gallery index of another version of "
                                          f"retrieve.py (composeae-retrieve-index/0); rebuilding it"], err
-    saved = torch.load(index, weights_only=True)
-    assert saved["format"] == gallery_module.INDEX_FORMAT and len(saved["files"].split("\0")) == 18
+    saved = read_manifest(index)
+    assert saved["format"] == gallery_index.INDEX_FORMAT and len(saved["files"]) == 18
 
 
-def _damage(index: dict, how: str) -> str:
-    """Changes a loaded index as ``how`` says; returns the words the notice names."""
+def read_manifest(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _damage(path: str, how: str) -> str:
+    """Changes the index at ``path`` (its manifest or feature file) as ``how`` says; returns the words the notice
+    names."""
+    manifest = read_manifest(path)
+    features = os.path.join(os.path.dirname(path), manifest["feature_file"])
+    row_bytes = manifest["dim"] * 4
     if how == "fewer_rows":
-        index["features"] = index["features"][:-3].clone()
-        return "'features' has 15 rows for 18 files"
+        os.truncate(features, 15 * row_bytes)
+        return f"the feature file {manifest['feature_file']} holds 15 rows for 18 files"
     if how == "other_width":
-        index["features"] = torch.nn.functional.normalize(torch.ones(18, 7), dim=1)
-        return "'features' are 7 wide"
-    if how == "files_list":
-        index["files"] = index["files"].split("\0")
-        return "'files' is a list"
-    if how == "nan":
-        index["features"][4, 0] = float("nan")
+        manifest["dim"] = 7
+        np.full((18, 7), 7 ** -0.5, dtype=np.float32).tofile(features)
+        words = "'features' are 7 wide"
+    elif how == "files_list":
+        manifest["files"] = "\0".join(f[0] for f in manifest["files"])
+        words = "'files' is a str, not a list"
+    elif how == "nan":
+        with open(features, "r+b") as f:
+            f.seek(4 * row_bytes)
+            f.write(np.float32("nan").tobytes())
         return "NaN"
-    index["sizes"] = index["sizes"].float()  # how == "sizes_dtype"
-    return "'sizes' is a torch.float32 tensor"
+    else:  # how == "sizes_dtype"
+        manifest["files"][0][1] = float(manifest["files"][0][1])
+        words = "'files' entry 0 is not [path, size, mtime_ns]"
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    return words
 
 
 @pytest.mark.parametrize("how", ["fewer_rows", "other_width", "files_list", "nan", "sizes_dtype"])
@@ -161,9 +178,7 @@ def test_damaged_index_contents_are_rebuilt_with_a_notice(query, tmp_path, how):
     rc, _, err = call(*query, "--index", index, "--json", out)
     assert rc == 0, err
     expected = results(out)
-    state = torch.load(index, weights_only=True)
-    words = _damage(state, how)
-    torch.save(state, index)
+    words = _damage(index, how)
     rc, _, err = call(*query, "--index", index, "--json", out)
     assert rc == 0, err
     (notice,) = lines_of(err)
