@@ -42,8 +42,10 @@ import torch
 import ann
 import distributed
 import gallery_index
+import test_retrieval
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
+from datasets import RetrievalTask
 from errors import UserInputError
 from feature_store import DTYPES, IndexDamaged
 from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
@@ -235,9 +237,6 @@ def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequen
     """Gallery features (N, D) L2-normalised (``test_retrieval.normalize_rows``), query features (Q, D) and the
     unreadable gallery files, computed by the evaluation's ``encode_task`` (one pass over the images, queries
     composed in batches). ``progress``: its progress bars (None: when there are more than 4 batches of images)."""
-    import test_retrieval
-    from datasets import RetrievalTask
-
     keys = list(dict.fromkeys(list(gallery_paths) + [q["path"] for q in queries]))
     where = {k: i for i, k in enumerate(keys)}
     task = RetrievalTask(image_keys=keys, gallery=[where[p] for p in gallery_paths],
@@ -310,8 +309,6 @@ def search_gallery(args, model, image_size: int, identity: dict, files: list[tup
     gallery ``files`` (``scan_gallery``) brought up to date (``gallery_index.update_index``; a throw-away one in a
     temporary folder without ``--index``), and searched by ``--backend``. The unreadable files and the ``skipped``
     entries are named in one warning; an index whose features turn out not to be finite is rebuilt once."""
-    import test_retrieval
-
     _, query_feats, _ = encode(model, image_size, [], queries, batch_size=args.batch_size, device=device,
                                num_workers=args.num_workers)  # (Q, D): the model's width, and the queries of a
     encoder = _GalleryEncoder(args, model, image_size, device, queries)  # call that encodes no image
@@ -419,8 +416,6 @@ def rank(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
     """``[(gallery position, score)] * min(k, ...)`` per query, as the evaluation ranks: ``test_retrieval.top_k``
     on the normalised gallery (G, D) of ``encode``, the excluded position (the query's own image, -1 for none)
     left out."""
-    import test_retrieval
-
     out: list[list[tuple[int, float]]] = [[] for _ in range(len(exclude))]
     for has in (True, False):  # top_k shortens every row by one when any row excludes an item: two calls
         members = torch.nonzero((exclude >= 0) == has).flatten()  # (n,)
@@ -536,11 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # a full disk, a write error: not the input's fault
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 1
-    except ValueError as exc:
-        from test_retrieval import NonFiniteFeaturesError
-
-        if not isinstance(exc, NonFiniteFeaturesError):
-            raise
+    except test_retrieval.NonFiniteFeaturesError as exc:
         print(f"retrieve.py: error: {exc}", file=sys.stderr)  # a checkpoint with diverged weights: no ranking
         return 1
 
