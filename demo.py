@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 
 import distributed
+import factory
 import gallery_index
 import retrieve
 from checkpoint import WriteFailed, read_checkpoint
@@ -172,8 +173,6 @@ def _gallery_files(gallery: str) -> list[tuple[str, int, int]]:
 def build_state(args: argparse.Namespace) -> DemoState:
     """Checks the flags, loads the checkpoint's model as retrieve.py does and computes (or reuses, with
     ``--index``) the gallery's features."""
-    import factory  # about 6 s (the models, transformers): --help and a bad flag answer without it
-
     validate(args)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -43,11 +43,16 @@ import torch
 import ann
 import config
 import distributed
+import factory
 import gallery_index
+import test_retrieval
+import visualize
 from checkpoint import WriteFailed
+from datasets import RetrievalTask
 from errors import UserInputError, report_internal_error
 from feature_store import DTYPES, IndexDamaged
 from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
+from image_cache import BadImageError, load_rgb_uint8
 from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (benchmark.py calls retrieve.load_index and retrieve.save_index)
 
 logger = logging.getLogger("retrieve")
@@ -130,8 +135,6 @@ def validate(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def _check_image(path: str, where: str) -> None:
-    from image_cache import BadImageError, load_rgb_uint8
-
     if not os.path.exists(path):
         raise UserInputError(f"{where}{path} does not exist")
     if not os.path.isfile(path):  # a folder, FIFO, socket or device: opening a FIFO would wait for a writer
@@ -220,8 +223,6 @@ class _ImageFiles:
         self.bad = bad
 
     def load_image(self, path: str) -> torch.Tensor:
-        from image_cache import BadImageError, load_rgb_uint8
-
         try:
             return load_rgb_uint8(path, self.image_size)
         except BadImageError:
@@ -235,9 +236,6 @@ def encode(model, image_size: int, gallery_paths: Sequence[str], queries: Sequen
     """Gallery features (N, D) L2-normalised (``test_retrieval.normalize_rows``), query features (Q, D) and the
     unreadable gallery files, computed by the evaluation's ``encode_task`` (one pass over the images, queries
     composed in batches). ``progress``: its progress bars (None: when there are more than 4 batches of images)."""
-    import test_retrieval
-    from datasets import RetrievalTask
-
     keys = list(dict.fromkeys(list(gallery_paths) + [q["path"] for q in queries]))
     where = {k: i for i, k in enumerate(keys)}
     task = RetrievalTask(image_keys=keys, gallery=[where[p] for p in gallery_paths],
@@ -310,8 +308,6 @@ def search_gallery(args, model, image_size: int, identity: dict, files: list[tup
     gallery ``files`` (``scan_gallery``) brought up to date (``gallery_index.update_index``; a throw-away one in a
     temporary folder without ``--index``), and searched by ``--backend``. The unreadable files and the ``skipped``
     entries are named in one warning; an index whose features turn out not to be finite is rebuilt once."""
-    import test_retrieval
-
     _, query_feats, _ = encode(model, image_size, [], queries, batch_size=args.batch_size, device=device,
                                num_workers=args.num_workers)  # (Q, D): the model's width, and the queries of a
     encoder = _GalleryEncoder(args, model, image_size, device, queries)  # call that encodes no image
@@ -419,8 +415,6 @@ def rank(query_feats: torch.Tensor, gallery_feats: torch.Tensor, k: int,
     """``[(gallery position, score)] * min(k, ...)`` per query, as the evaluation ranks: ``test_retrieval.top_k``
     on the normalised gallery (G, D) of ``encode``, the excluded position (the query's own image, -1 for none)
     left out."""
-    import test_retrieval
-
     out: list[list[tuple[int, float]]] = [[] for _ in range(len(exclude))]
     for has in (True, False):  # top_k shortens every row by one when any row excludes an item: two calls
         members = torch.nonzero((exclude >= 0) == has).flatten()  # (n,)
@@ -441,8 +435,6 @@ def _open_rgb(path: str):
 
 
 def draw_query(query: dict, results: list[dict], gallery: str, thumb: int):
-    import visualize
-
     cells = [visualize.Result(_open_rgb(os.path.join(gallery, r["path"])), r["rank"], r["score"], r.get("correct"),
                               r["path"]) for r in results]
     return visualize.retrieval_picture([visualize.QueryRow(_open_rgb(query["path"]), query["text"], cells)],
@@ -487,8 +479,6 @@ def write_outputs(args, queries: list[dict], ranked: list[list[dict]]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Checks every input and output, then builds the checkpoint's model, encodes the gallery (or reuses the
     index) and the queries, ranks and writes the results."""
-    import factory
-
     validate(args)
     ann.set_threads(args.threads)
     queries = read_queries(args)
@@ -535,15 +525,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # a full disk, a write error: not the input's fault
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
         return 1
+    except test_retrieval.NonFiniteFeaturesError as exc:
+        print(f"retrieve.py: error: {exc}", file=sys.stderr)  # a checkpoint with diverged weights: no ranking
+        return 1
     except KeyboardInterrupt:  # every output is written whole or not at all
         print("retrieve.py: interrupted; every output file is as it was or complete", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:  # noqa: BLE001 (the entry point's last resort: one line, traceback in a file)
-        from test_retrieval import NonFiniteFeaturesError  # late: it loads the datasets, which the checks do without
-
-        if isinstance(exc, NonFiniteFeaturesError):  # a checkpoint with diverged weights: no ranking
-            print(f"retrieve.py: error: {exc}", file=sys.stderr)
-            return 1
         return report_internal_error("retrieve.py", exc)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import test_retrieval
 from seeding import Stream, seeded_rng
 
 PAD = 6  # pixels between cells and around the picture
@@ -150,8 +151,6 @@ def training_picture(dataset: Any, task: Any, query_feats: torch.Tensor, gallery
     (``test_retrieval.top_k``, the source left out); a result is correct when its label in the task's first view
     equals the query's target (MIT-States: the composition; Fashion IQ, triplets: the image). None without queries.
     """
-    import test_retrieval
-
     n_total = len(task.query_source)
     if n_total == 0 or len(task.gallery) == 0:
         return None
