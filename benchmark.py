@@ -7,6 +7,7 @@
     python benchmark.py --size cpu --profile /tmp/prof                # + torch.profiler trace and top-ops table
     python benchmark.py --mode retrieve --device cpu --threads 1       # one retrieve.py query, 100,000-row index
     python benchmark.py --mode default --threads 1 --seeds 0,1,2       # `python main.py` as a first run, per seed
+    python benchmark.py --mode retrieve --gallery_size 1000000 --dim 512 --index_dtype float16 --backend exact faiss
 
 Prints ONE JSON object on stdout (everything else goes to stderr): steady-state training samples/s (after warm-up
 iterations; timed with ``torch.cuda.synchronize`` on a GPU), evaluation queries/s (one full
@@ -46,6 +47,7 @@ import sys
 from typing import Sequence
 
 import config
+import index_bench
 from benchmarks.common import PRESETS, REFERENCE, json_text, write_output
 from benchmarks.default_run import default_main
 from benchmarks.inputs import RANDOM_BERTS, make_random_bert, synthetic_words
@@ -117,6 +119,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="--mode retrieve and default: torch CPU threads (0 = torch's default)")
     p.add_argument("--seeds", default="0", help="--mode default: main.py --seed of each run, comma-separated")
+    g = p.add_argument_group("gallery index", "--mode retrieve with --backend: the index alone on synthetic vectors "
+                             "(index_bench.py), one JSON line per backend, each queried in a fresh process")
+    g.add_argument("--backend", nargs="+", default=None, choices=["exact", "faiss"],
+                   help="search backends to measure (default: none, i.e. one retrieve.py query with a model)")
+    g.add_argument("--dim", type=int, default=512, help="width of the synthetic gallery vectors")
+    g.add_argument("--index_dtype", default="float32", choices=["float32", "float16"], help="stored feature type")
+    g.add_argument("--uniform", action="store_true",
+                   help="uniformly random unit vectors (the worst case, no clusters) instead of 1,000 noisy centres")
+    g.add_argument("--index_workdir", default="index_bench_data", help="folder for the generated gallery and index")
     # --mode default: main.py flags added to every run (the tests' short runs); the measurement records them
     p.add_argument("--main_flags", default="", help=argparse.SUPPRESS)
     return p
@@ -150,6 +161,13 @@ def _measure(a: argparse.Namespace) -> int:
         return 0
     if a.mode == "default":
         return default_mode(a)
+    if a.mode == "retrieve" and a.backend:
+        if a.gallery_size < 1 or a.dim < 1:
+            raise UserInputError("--gallery_size and --dim must be at least 1")
+        for backend in a.backend:
+            print(json.dumps(index_bench.measure_backend(backend, a.gallery_size, a.dim, a.index_dtype, a.uniform,
+                                                         a.seed, a.index_workdir, a.threads)), flush=True)
+        return 0
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
         result = ceiling_main(a) if a.ceiling else retrieve_main(a) if a.mode == "retrieve" else run(a)
     text = json_text(result)

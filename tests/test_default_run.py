@@ -86,3 +86,17 @@ def test_the_synthetic_default_records_its_measured_recall_range():
     low, high = registry.dataset_spec("synthetic").reference_recall_at_1
     assert 0.45 <= low <= high <= 1.0
     assert all(spec.reference_recall_at_1 is None for name, spec in registry.DATASETS.items() if name != "synthetic")
+
+
+def test_benchmark_retrieve_backends_print_one_json_line_each(tmp_path, capsys):
+    """--mode retrieve --backend: the index measured on synthetic vectors, one JSON line per backend with the
+    issue's keys; exact search on float32 storage finds the float32 ground truth exactly."""
+    rc = benchmark.main(["--mode", "retrieve", "--backend", "exact", "--gallery_size", "3000", "--dim", "16",
+                         "--index_workdir", str(tmp_path), "--threads", "1"])
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert rc == 0 and len(lines) == 1
+    (line,) = lines
+    assert {"backend", "gallery_size", "build_s", "index_bytes", "peak_rss_bytes", "query_ms_p50", "query_ms_p95",
+            "batch64_ms_p50", "recall_at_10"} <= set(line)
+    assert line["backend"] == "exact" and line["gallery_size"] == 3000 and line["recall_at_10"] == 1.0
+    assert line["index_bytes"] == 3000 * 16 * 4 and line["query_ms_p50"] > 0
