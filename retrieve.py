@@ -25,7 +25,6 @@ before the model is loaded; missing folders above an output are made.
 from __future__ import annotations
 
 import argparse
-import codecs
 import csv
 import html
 import io
@@ -49,6 +48,7 @@ import test_retrieval
 import visualize
 from checkpoint import WriteFailed
 from datasets import RetrievalTask
+from retrieval_datasets.base import read_utf8_text
 from errors import UserInputError, report_internal_error
 from feature_store import DTYPES, IndexDamaged
 from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
@@ -152,15 +152,7 @@ def _read_utf8(path: str, flag: str) -> str:
         raise UserInputError(f"{flag} {path} does not exist")
     if not os.path.isfile(path):
         raise UserInputError(f"{flag} {path} is not a regular file; pass a CSV file")
-    with open(path, "rb") as f:
-        raw = f.read()
-    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return raw[skip:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        offset = skip + exc.start
-        raise UserInputError(f"{path}: not UTF-8 text (byte {raw[offset]:#04x} at offset {offset}); "
-                             f"convert it to UTF-8") from None
+    return read_utf8_text(path)
 
 
 def read_queries(args: argparse.Namespace) -> list[dict]:

@@ -192,7 +192,7 @@ class _RetrievalDataset(torch.utils.data.Dataset):
         return keys, where
 
 
-def _read_utf8_text(path: str) -> str:
+def read_utf8_text(path: str) -> str:
     """The text of a UTF-8 file, a leading byte-order mark dropped; an unreadable file or any other encoding is a
     UserInputError naming the file (and the first bad byte and its offset in the file)."""
     try:
@@ -211,8 +211,8 @@ def _read_utf8_text(path: str) -> str:
 
 
 def _read_utf8_lines(path: str) -> list[str]:
-    """The lines of a UTF-8 text file (``_read_utf8_text``), split at '\\n'."""
-    return _read_utf8_text(path).split("\n")
+    """The lines of a UTF-8 text file (``read_utf8_text``), split at '\\n'."""
+    return read_utf8_text(path).split("\n")
 
 
 _JSON_TYPES = {dict: "object", list: "list", str: "string", int: "number", float: "number", bool: "boolean",
@@ -230,7 +230,7 @@ def _read_json(path: str, kind: type, missing: str) -> Any:
     allows included), or another JSON type, is one naming the file."""
     if not os.path.isfile(path):
         raise UserInputError(f"{path} is missing: {missing}")
-    text = _read_utf8_text(path)
+    text = read_utf8_text(path)
     try:
         data = json.loads(text)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack allows

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from errors import UserInputError
 
-from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, _read_utf8_text, _RetrievalDataset
+from .base import DEFAULT_IMAGE_SIZE, RetrievalTask, SplitOptions, read_utf8_text, _RetrievalDataset
 
 logger = logging.getLogger("datasets")  # the name its log lines carry
 
@@ -38,7 +38,7 @@ def read_triplets_csv(csv_path: str) -> list[dict]:
         raise UserInputError(f"{csv_path} is missing: --dataset triplets needs --dataset_path DIR holding "
                              f"{TRIPLETS_FILE} with the header {','.join(TRIPLETS_COLUMNS)}")
     folder = os.path.dirname(os.path.abspath(csv_path))
-    reader = csv.reader(io.StringIO(_read_utf8_text(csv_path), newline=""))
+    reader = csv.reader(io.StringIO(read_utf8_text(csv_path), newline=""))
     try:
         header = next((r for r in reader if any(c.strip() for c in r)), None)  # blank lines before it skipped
         columns, width = _header_columns(csv_path, header)
