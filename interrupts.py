@@ -76,6 +76,28 @@ def interrupt_flag() -> Iterator[dict[str, int]]:
         yield flag
 
 
+class StoppedEarly(KeyboardInterrupt):
+    """A signal of ``INTERRUPT_SIGNALS`` outside the training loop and the evaluation (while the data, the model or
+    the run folder are being made): raised at once; nothing has been saved."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_at_once_on_interrupt() -> Iterator[None]:
+    """Installs handlers of ``INTERRUPT_SIGNALS`` that raise ``StoppedEarly(signum)`` at once, so SIGTERM and
+    SIGUSR1 before the training loop end in one line like SIGINT (not by their default action, which leaves
+    ``run.lock`` and the new run folder behind). ``interrupt_flag`` and ``stop_evaluation_on_interrupt`` replace
+    them while they run. The previous handlers come back on exit."""
+    def handler(signum, frame):
+        raise StoppedEarly(signum)
+
+    with _handlers(handler):
+        yield
+
+
 @contextlib.contextmanager
 def stop_evaluation_on_interrupt(checkpoint: str) -> Iterator[None]:
     """Installs handlers of ``INTERRUPT_SIGNALS`` that raise ``EvaluationInterrupted(signum, checkpoint)`` at once

@@ -31,7 +31,7 @@ from config import parse_args, prepare_args
 from distributed import distributed_world, init_distributed
 from errors import UserInputError, report_internal_error
 from factory import build_experiment, cirr_test1, run_info
-from interrupts import EvaluationInterrupted, Interrupted, stop_evaluation_on_interrupt
+from interrupts import EvaluationInterrupted, Interrupted, stop_at_once_on_interrupt, stop_evaluation_on_interrupt
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, print_last, run_folder
 from test_retrieval import NonFiniteFeaturesError
 from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
@@ -208,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a bad flag (one line already printed)
         return int(exc.code or 0)
     try:
-        return run_main(args, given)
+        with stop_at_once_on_interrupt():
+            return run_main(args, given)
     except UserInputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -218,10 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except STOPS as exc:
         print_last(f"{PROG}: {stop_line(exc, argv)}")
         return exc.exit_code
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print(f"{PROG}: interrupted; stopped without writing a checkpoint (any written before is intact)",
-              file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as exc:  # before training started (StoppedEarly), or a second Ctrl-C
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print_last(f"{PROG}: {signal.Signals(signum).name}: interrupted; stopped without writing a checkpoint (any "
+                   f"written before is intact)")
+        return 128 + signum
     except Exception as exc:  # noqa: BLE001 (the last resort, before the run folder exists: traceback in a file)
         return report_internal_error(PROG, exc)
     finally:

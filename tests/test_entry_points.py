@@ -122,6 +122,29 @@ def huge_image_checkpoint(tirg_lstm_run, tmp_path) -> str:
 HUGE = "'image_size' is 200000, outside 1..4096; pass a checkpoint written by main.py"
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_before_training_is_one_line_and_leaves_no_run_folder(tiny_mitstates, tmp_path, capsys,
+                                                                       monkeypatch, signum):
+    """SIGTERM / SIGUSR1 while the model is being built: one line, 128 + the signal, no run folder or lock left,
+    and the process's handlers as they were."""
+    before = signal.getsignal(signum)
+
+    def signal_while_building(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr(main, "build_experiment", signal_while_building)
+    rc = main.main(["--dataset", "mitstates", "--dataset_path", tiny_mitstates, "--model", "tirg", "--use_bert",
+                    "False", "--image_weights", "none", *execution_flags(tmp_path / "logs")])
+    lines = stderr_lines(capsys.readouterr().err)
+    name = signal.Signals(signum).name
+    assert rc == 128 + signum and lines[-1] == (f"main.py: {name}: interrupted; stopped without writing a checkpoint "
+                                                f"(any written before is intact)"), lines
+    assert not os.path.exists(tmp_path / "logs") or os.listdir(tmp_path / "logs") == []
+    assert signal.getsignal(signum) is before
+
+
 @pytest.mark.parametrize("how", ["--test_only", "--resume"])
 def test_main_refuses_a_checkpoint_with_a_huge_image_size_in_one_line(huge_image_checkpoint, tirg_lstm_run, tmp_path,
                                                                       capsys, how):
