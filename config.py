@@ -32,7 +32,7 @@ ORIGINAL_DEFAULTS = dict(
     model="composeAE", use_bert=False, loss="soft_triplet", num_iters=160000, learning_rate_decay_frequency=9999999,
     loader_num_workers=4, image_size=224, image_weights="imagenet",
     bert_model="bert-base-uncased", train_eval_queries=9600, eval_every=0, save_every=0,
-    use_complete_text_query=False, weight_decay=1e-6,
+    use_complete_text_query=False, weight_decay=1e-6, threads=0,
 )
 # Flags that say nothing about the run (-f: Jupyter's kernel file): left out of TensorBoard's args card and HParams.
 TENSORBOARD_LEFT_OUT = ("f",)
@@ -183,8 +183,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("device and distributed",
                              "several processes: torchrun --nproc_per_node N main.py ... (--batch_size is global)")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="auto = cuda if available")
-    g.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0 = torch's default; 1 is faster on a CPU that other jobs share)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; 0 = torch's default; 1 is faster on a CPU that other jobs share "
+                        "(default: 0)" + syn("threads"))
     return p
 
 
