@@ -155,6 +155,60 @@ def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int, exclude: t
     return scores, positions
 
 
+def target_ranks(features: FeatureFile, queries: torch.Tensor, targets: torch.Tensor,
+                 exclude: torch.Tensor) -> list[tuple[int, float]]:
+    """``(rank, score)`` per query (Q, D) of its target position (Q,) (-1 for none: ``(0, nan)``) over every stored
+    row, as ``exact_top_k`` ranks: rank = 1 + #(rows scoring higher) + #(rows scoring equal at a lower position),
+    the excluded position (Q,) not counted (a target that is the excluded position: ``(0, nan)``). The
+    similarities are ``exact_top_k``'s computation (the same query blocks, ``_blocks``, and padded chunks of one
+    shape, in fp32), so the score equals the one exact search reports, bit for bit."""
+    n_queries, rows, per_chunk = queries.shape[0], features.rows, features.rows_per_chunk
+    targets, exclude = targets.cpu().long(), exclude.cpu().long()  # (Q,), (Q,)
+    out = [(0, float("nan"))] * n_queries
+    wanted = (targets >= 0) & (targets < rows) & (targets != exclude)  # (Q,)
+    if n_queries == 0 or rows == 0 or not bool(wanted.any()):
+        return out
+    block, columns = _blocks(n_queries, rows, per_chunk)
+    sims_buf = torch.empty(block, columns)  # (B, S)
+    with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
+        normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
+        for q0 in range(0, n_queries, block):
+            q = normed[q0:q0 + block]  # (B, D)
+            t, excl, want = targets[q0:q0 + block], exclude[q0:q0 + block], wanted[q0:q0 + block]  # (B,)
+            target_score = torch.full((q.shape[0],), float("nan"))  # (B,)
+            for s0 in range(0, rows, columns):  # the target's own score first
+                s_n = min(columns, rows - s0)
+                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
+                    n = min(per_chunk, rows - row0)
+                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
+                local = t - s0  # (B,)
+                hit = torch.nonzero(want & (local >= 0) & (local < s_n)).flatten()
+                target_score[hit] = sims_buf[hit, local[hit]]
+            above = torch.zeros(q.shape[0], dtype=torch.long)  # (B,) rows ranked before the target
+            for s0 in range(0, rows, columns):
+                s_n = min(columns, rows - s0)
+                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
+                    n = min(per_chunk, rows - row0)
+                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]
+                sims = sims_buf[:q.shape[0], :s_n]  # (B, s_n)
+                check_similarities(sims, s0)
+                position = torch.arange(s0, s0 + s_n)  # (s_n,)
+                before = (sims > target_score[:, None]) | (
+                    (sims == target_score[:, None]) & (position[None, :] < t[:, None]))  # (B, s_n)
+                before &= position[None, :] != excl[:, None]
+                above += before.sum(dim=1)
+            for i in torch.nonzero(want).flatten().tolist():
+                out[q0 + i] = (int(above[i]) + 1, float(target_score[i]))
+    return out
+
+
+def rank_of(features: FeatureFile, queries: torch.Tensor, targets: torch.Tensor,
+            exclude: torch.Tensor) -> list[int]:
+    """The rank over the whole gallery of every query's (Q, D) target position (Q,) (-1 for none: 0), as
+    ``exact_top_k`` ranks, the excluded position (Q,) not counted (``target_ranks``)."""
+    return [r for r, _ in target_ranks(features, queries, targets, exclude)]
+
+
 def as_hits(scores: torch.Tensor, positions: torch.Tensor, k: int,
             exclude: torch.Tensor) -> list[list[tuple[int, float]]]:
     """``[(position, score)]`` per query: the first ``k`` that are not the excluded position (Q,)."""

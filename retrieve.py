@@ -273,18 +273,36 @@ class _GalleryEncoder:
         return feats, {i for i, p in enumerate(full) if p in bad}
 
 
+Ranked = tuple[list[str], list[list[tuple[int, float]]], list[tuple[int, float] | None]]
+
+
+def _target_ranks(args, update: gallery_index.Update, queries: list[dict], query_feats: torch.Tensor,
+                  where: dict[str, int], exclude: torch.Tensor) -> list[tuple[int, float] | None]:
+    """``(rank, score)`` of each query's target over the whole gallery (``ann.target_ranks``: exact, whatever the
+    backend), the query's own image not counted; None for a query without a target in the gallery."""
+    targets = torch.tensor([gallery_position(q["target"], args.gallery, where) if q["target"] else -1
+                            for q in queries], dtype=torch.long)  # (Q,)
+    if not bool((targets >= 0).any()):
+        return [None] * len(queries)
+    found = ann.target_ranks(update.features, query_feats, targets, exclude)
+    return [(r, s) if r > 0 else None for r, s in found]
+
+
 def _rank_index(args, path: str, update: gallery_index.Update, queries: list[dict],
-                query_feats: torch.Tensor) -> tuple[list[str], list[list[tuple[int, float]]]]:
-    """``(relative paths (G,), [(gallery position, score)] per query)`` from the index's feature file, by
-    ``--backend``; a query's own image (a gallery file) is left out of its results."""
+                query_feats: torch.Tensor) -> Ranked:
+    """``(relative paths (G,), [(gallery position, score)] per query, (target rank, score) or None per query)``
+    from the index's feature file, by ``--backend``; a query's own image (a gallery file) is left out of its
+    results and of its target's rank."""
     paths = update.index["files"]
     where = {f: i for i, f in enumerate(paths)}
     exclude = torch.tensor([gallery_position(q["path"], args.gallery, where) for q in queries],
                            dtype=torch.long)  # (Q,)
     if args.backend == "faiss":
         index, nprobe = gallery_index.faiss_index(path, update.index, update.features, durable=bool(args.index))
-        return paths, ann.faiss_search(index, update.features, query_feats, args.top_k, exclude, nprobe)
-    return paths, ann.exact_search(update.features, query_feats, args.top_k, exclude)
+        hits = ann.faiss_search(index, update.features, query_feats, args.top_k, exclude, nprobe)
+    else:
+        hits = ann.exact_search(update.features, query_feats, args.top_k, exclude)
+    return paths, hits, _target_ranks(args, update, queries, query_feats, where, exclude)
 
 
 def _check_readable(args, update: gallery_index.Update, files: Sequence) -> None:
@@ -295,10 +313,11 @@ def _check_readable(args, update: gallery_index.Update, files: Sequence) -> None
 
 def search_gallery(args, model, image_size: int, identity: dict, files: list[tuple[str, int, int]],
                    queries: list[dict], device: torch.device,
-                   skipped: Sequence[str] = ()) -> tuple[list[str], list[list[tuple[int, float]]]]:
-    """``(relative paths (G,), [(gallery position, score)] per query)``: the queries encoded, the index of the
-    gallery ``files`` (``scan_gallery``) brought up to date (``gallery_index.update_index``; a throw-away one in a
-    temporary folder without ``--index``), and searched by ``--backend``. The unreadable files and the ``skipped``
+                   skipped: Sequence[str] = ()) -> Ranked:
+    """``(relative paths (G,), [(gallery position, score)] per query, (target rank, score) or None per query)``
+    (``_rank_index``): the queries encoded, the index of the gallery ``files`` (``scan_gallery``) brought up to
+    date (``gallery_index.update_index``; a throw-away one in a temporary folder without ``--index``), and
+    searched by ``--backend``. The unreadable files and the ``skipped``
     entries are named in one warning; an index whose features turn out not to be finite is rebuilt once."""
     _, query_feats, _ = encode(model, image_size, [], queries, batch_size=args.batch_size, device=device,
                                num_workers=args.num_workers)  # (Q, D): the model's width, and the queries of a
@@ -426,45 +445,87 @@ def _open_rgb(path: str):
         return img.convert("RGB")
 
 
-def draw_query(query: dict, results: list[dict], gallery: str, thumb: int):
+def missed_target(results: list[dict], target: dict | None) -> dict | None:
+    """``target`` (``{rank, score, path}`` of the query's target over the whole gallery) when it is not among the
+    ``results``; None when it is, or when the query has no target in the gallery."""
+    if target is None or any(r.get("correct") for r in results):
+        return None
+    return target
+
+
+def draw_query(query: dict, results: list[dict], gallery: str, thumb: int, target: dict | None = None):
+    """The picture of one query (``visualize.retrieval_picture``): its results, the target framed green, and
+    'target at rank R' under the query when ``target`` is outside the results."""
     cells = [visualize.Result(_open_rgb(os.path.join(gallery, r["path"])), r["rank"], r["score"], r.get("correct"),
                               r["path"]) for r in results]
-    return visualize.retrieval_picture([visualize.QueryRow(_open_rgb(query["path"]), query["text"], cells)],
+    missed = missed_target(results, target)
+    note = f"target at rank {missed['rank']}" if missed else ""
+    return visualize.retrieval_picture([visualize.QueryRow(_open_rgb(query["path"]), query["text"], cells, note)],
                                        k=len(cells), thumb=thumb)
 
 
-def write_outputs(args, queries: list[dict], ranked: list[list[dict]]) -> None:
-    """The results table on stdout, then the files ``--json``, ``--out`` and ``--out_dir`` ask for (checked by
-    ``check_output_paths``; ``WriteFailed`` when one cannot be written)."""
-    for n, (q, results) in enumerate(zip(queries, ranked), 1):
+INDEX_CSS = """body { font-family: sans-serif; margin: 1em; color: #222; }
+.legend { margin: 0 0 1em; }
+.green { display: inline-block; width: 0.9em; height: 0.9em; border: 3px solid rgb(0, 190, 0);
+  vertical-align: middle; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 32em), 1fr)); gap: 1em; }
+figure { margin: 0; }
+figcaption { font-size: 0.95em; line-height: 1.3; overflow-wrap: anywhere; margin-bottom: 0.3em; }
+img { max-width: 100%; height: auto; }"""
+INDEX_LEGEND = ("<p class=\"legend\"><span class=\"green\"></span> a green frame marks the target; "
+                "target outside the top k: its rank is written under the query.</p>")
+
+
+def index_page(queries: list[dict], names: list[str]) -> str:
+    """``index.html`` of ``--out_dir``: one self-contained page (inline CSS, no external resource), a legend, and
+    a responsive grid of the query pictures ``names``, each captioned with its escaped image name and text."""
+    items = [f"<figure><figcaption>{n}. {html.escape(q['image'])}: &ldquo;{html.escape(q['text'])}&rdquo;"
+             f"</figcaption>\n<img src=\"{html.escape(name)}\" alt=\"query {n}\"></figure>"
+             for n, (q, name) in enumerate(zip(queries, names), 1)]
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>retrieve.py results</title>\n<style>\n{INDEX_CSS}\n</style></head><body>\n"
+            f"<h1>retrieve.py results</h1>\n{INDEX_LEGEND}\n<div class=\"grid\">\n" + "\n".join(items)
+            + "\n</div>\n</body></html>\n")
+
+
+def write_outputs(args, queries: list[dict], ranked: list[list[dict]],
+                  targets: Sequence[dict | None] | None = None) -> None:
+    """The results table on stdout (and ``   target PATH at rank R (score S)`` for a target outside the top k),
+    then the files ``--json`` (with ``target_rank`` for a query whose target is in the gallery), ``--out`` and
+    ``--out_dir`` ask for (checked by ``check_output_paths``; ``WriteFailed`` when one cannot be written).
+    ``targets``: ``{rank, score, path}`` of each query's target over the whole gallery, or None."""
+    targets = list(targets) if targets is not None else [None] * len(queries)
+    for n, (q, results, t) in enumerate(zip(queries, ranked, targets), 1):
         print(f"query {n}: {q['image']} \"{q['text']}\"")
         print(f"{'rank':>6} {'score':>8}  path")
         for r in results:
             mark = "  (target)" if r.get("correct") else ""
             print(f"{r['rank']:>6} {r['score']:>8.4f}  {r['path']}{mark}")
+        missed = missed_target(results, t)
+        if missed:
+            print(f"   target {missed['path']} at rank {missed['rank']} (score {missed['score']:.4f})")
     if args.json:
         def write(f) -> None:
-            for q, results in zip(queries, ranked):
+            for q, results, t in zip(queries, ranked, targets):
                 obj = {"image": q["image"], "text": q["text"]}
                 if q.get("target_given"):
                     obj["target"] = q["target_given"]
+                if t is not None:
+                    obj["target_rank"] = t["rank"]
                 obj["results"] = [{"rank": r["rank"], "path": r["path"], "score": round(r["score"], 6)}
                                   for r in results]
                 f.write(json.dumps(obj) + "\n")
         write_file(args.json, write, mode="w")
     if args.out:
-        picture = draw_query(queries[0], ranked[0], args.gallery, args.thumb)
+        picture = draw_query(queries[0], ranked[0], args.gallery, args.thumb, targets[0])
         write_file(args.out, lambda f: picture.save(f, format="PNG"))
     if args.out_dir:
-        items = []
-        for n, (q, results) in enumerate(zip(queries, ranked), 1):
-            name = f"query_{n:04d}.png"
-            picture = draw_query(q, results, args.gallery, args.thumb)
+        names = [f"query_{n:04d}.png" for n in range(1, len(queries) + 1)]
+        for name, q, results, t in zip(names, queries, ranked, targets):
+            picture = draw_query(q, results, args.gallery, args.thumb, t)
             write_file(os.path.join(args.out_dir, name), lambda f: picture.save(f, format="PNG"))
-            items.append(f"<h3>{n}. {html.escape(q['image'])}: &ldquo;{html.escape(q['text'])}&rdquo;</h3>\n"
-                         f"<img src=\"{name}\" alt=\"query {n}\">")
-        page = ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>retrieve.py results</title></head>"
-                "<body>\n" + "\n".join(items) + "\n</body></html>\n")
+        page = index_page(queries, names)
         write_file(os.path.join(args.out_dir, "index.html"), lambda f: f.write(page), mode="w")
 
 
@@ -489,14 +550,16 @@ def run(args: argparse.Namespace) -> int:
                                                     texts=texts, ckpt=ckpt)
     identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
                 "model": str(margs.model)}
-    files, hits_of = search_gallery(args, model, int(margs.image_size), identity, files, queries, device, skipped)
+    files, hits_of, target_of = search_gallery(args, model, int(margs.image_size), identity, files, queries, device,
+                                               skipped)
     where = {f: i for i, f in enumerate(files)}
-    ranked = []
-    for q, hits in zip(queries, hits_of):
+    ranked, targets = [], []
+    for q, hits, found in zip(queries, hits_of, target_of):
         target = gallery_position(q["target"], args.gallery, where) if q["target"] else None
         ranked.append([{"rank": r + 1, "path": files[g], "score": s,
                         **({} if target is None else {"correct": g == target})} for r, (g, s) in enumerate(hits)])
-    write_outputs(args, queries, ranked)
+        targets.append(None if found is None else {"rank": found[0], "score": found[1], "path": files[target]})
+    write_outputs(args, queries, ranked, targets)
     return 0
 
 

@@ -43,9 +43,13 @@ class Result:
 
 @dataclasses.dataclass
 class QueryRow:
+    """A query's image, its text and its results; ``note`` (e.g. 'target at rank 37') is written on the last
+    caption line under the query, the text taking the lines above it."""
+
     image: Any  # as Result.image
     text: str
     results: Sequence[Result]
+    note: str = ""
 
 
 def picture_size(n_rows: int, k: int, thumb: int) -> tuple[int, int]:
@@ -120,8 +124,9 @@ def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, lines: int, font) ->
 
 def retrieval_picture(rows: Sequence[QueryRow], k: int | None = None, thumb: int = 128) -> Image.Image:
     """One row per query: the query image with its text (up to 3 lines), a gap, then its results with
-    '#rank score' and their label under them; correct results framed in green. ``k`` columns (default: the most
-    results of any row); the size is ``picture_size(len(rows), k, thumb)``."""
+    '#rank score' and their label under them; correct results framed in green; a row's ``note`` under its
+    query. ``k`` columns (default: the most results of any row); the size is ``picture_size(len(rows), k, thumb)``.
+    """
     k = max((len(r.results) for r in rows), default=0) if k is None else k
     font = ImageFont.load_default()
     picture = Image.new("RGB", picture_size(len(rows), k, thumb), BACKGROUND)
@@ -130,8 +135,11 @@ def retrieval_picture(rows: Sequence[QueryRow], k: int | None = None, thumb: int
     for r, row in enumerate(rows):
         y = PAD + r * (cell_h + PAD)
         picture.paste(_thumbnail(row.image, thumb), (PAD, y))
-        for i, line in enumerate(_wrap(draw, f'"{row.text}"', thumb, CAPTION_LINES, font)):
+        text_lines = CAPTION_LINES - 1 if row.note else CAPTION_LINES
+        for i, line in enumerate(_wrap(draw, f'"{row.text}"', thumb, text_lines, font)):
             draw.text((PAD, y + thumb + i * LINE), line, fill=INK, font=font)
+        if row.note:
+            draw.text((PAD, y + thumb + text_lines * LINE), _fit(draw, row.note, thumb, font), fill=INK, font=font)
         for c, res in enumerate(row.results[:k]):
             x = PAD + QUERY_GAP + (1 + c) * (thumb + PAD)
             picture.paste(_thumbnail(res.image, thumb), (x, y))
