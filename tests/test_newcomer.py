@@ -263,6 +263,11 @@ def test_yardstick_line_and_the_reference_range(monkeypatch):
     run = runlog.Run(args, "unused", enabled=False)
     assert run.yardstick() == ""
     run.galleries = {"train": (500, 100), "test": (240, 40)}
+    measured = registry.DATASETS["synthetic"].reference_recall_at_1
+    assert run.yardstick() == ("yardstick: test gallery 240 images, 40 target classes; chance recall@1 2.50%; the "
+                               f"default run reaches recall@1 {100 * measured[0]:.1f}-{100 * measured[1]:.1f}%")
+    monkeypatch.setitem(registry.DATASETS, "synthetic",
+                        dataclasses.replace(registry.DATASETS["synthetic"], reference_recall_at_1=None))
     assert run.yardstick() == "yardstick: test gallery 240 images, 40 target classes; chance recall@1 2.50%"
     spec = dataclasses.replace(registry.DATASETS["synthetic"], reference_recall_at_1=(0.25, 0.31))
     monkeypatch.setitem(registry.DATASETS, "synthetic", spec)

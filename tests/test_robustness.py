@@ -282,7 +282,7 @@ def test_a_second_signal_stops_at_once_without_writing(two_step_run, data, tmp_p
     monkeypatch.setattr(sgd_step, "train_one_step", step)
     rc = main.main(tirg(data, tmp_path, "--num_iters", "50", "--save_every", "1"))
     assert rc == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("main.py: interrupted; stopped without")
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("main.py: SIGINT: interrupted; stopped without")
     # stopped inside the first step: nothing to resume, so the new run folder is removed as after any failed start
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
