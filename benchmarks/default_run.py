@@ -67,15 +67,16 @@ def main_command(seed: int, threads: int, extra: list[str]) -> list[str]:
     return cmd + extra
 
 
-def final_metrics(folder: str) -> dict:
-    """The latest evaluation in the one run folder under ``<folder>/logs`` (main.py's default --log_dir)."""
+def final_metrics(folder: str) -> tuple[dict, dict]:
+    """``(latest evaluation, resolved flags)`` of the one run folder under ``<folder>/logs`` (main.py's default
+    --log_dir): ``metrics.json``'s latest entry and ``args.json``'s args."""
     logs = os.path.join(folder, "logs")
     runs = sorted(os.listdir(logs)) if os.path.isdir(logs) else []
     for run in runs:
         path = os.path.join(logs, run, "metrics.json")
         if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)["latest"]
+            with open(path) as f, open(os.path.join(logs, run, "args.json")) as g:
+                return json.load(f)["latest"], json.load(g)["args"]
     raise RuntimeError(f"main.py wrote no metrics.json under {logs}")
 
 
@@ -96,9 +97,9 @@ def run_seed(seed: int, threads: int, extra: list[str]) -> dict:
             with open(log_path, errors="replace") as f:
                 tail = f.read()[-2000:]
             raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}; its output ends:\n{tail}")
-        latest = final_metrics(folder)
+        latest, run_args = final_metrics(folder)
     return {"mode": "default", "seed": seed, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
-            "threads": threads or torch.get_num_threads(), "test_recall_at_1": latest[R1],
+            "threads": run_args.get("threads") or torch.get_num_threads(), "test_recall_at_1": latest[R1],
             "iterations": int(latest["it"]), "main_flags": extra,
             "machine": {"cpu_count": os.cpu_count(), "cpu_model": cpu_model(), "load_avg_1m": round(load, 2)},
             "command": shlex.join(["python", "main.py", *cmd[2:]])}

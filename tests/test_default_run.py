@@ -73,7 +73,8 @@ def test_the_final_metrics_are_the_latest_evaluation_of_the_run_folder(tmp_path)
     run = tmp_path / "logs" / "Dec07_run"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps({"latest": {"it": 7, default_run.R1: 0.5}, "history": []}))
-    assert default_run.final_metrics(str(tmp_path)) == {"it": 7, default_run.R1: 0.5}
+    (run / "args.json").write_text(json.dumps({"args": {"threads": 1, "seed": 3}}))
+    assert default_run.final_metrics(str(tmp_path)) == ({"it": 7, default_run.R1: 0.5}, {"threads": 1, "seed": 3})
 
 
 def test_parse_seeds():
