@@ -16,11 +16,10 @@ the figure.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from errors import UserInputError
 from feature_store import ROW_ALIGN, FeatureFile, check_similarities
 from seeding import Stream, seeded_rng
+from torch_functions import full_fp32_matmul
 
 FAISS_MISSING = "--backend faiss needs faiss: pip install faiss-cpu"
 BACKENDS = ("exact", "faiss")
@@ -39,17 +39,6 @@ RECALL_TARGET = 0.985  # recall@10 that build_faiss tunes nprobe for, on held-ou
 RECALL_QUERIES = 1000  # held-out rows that build_faiss measures recall on
 SQ8_MAX_CODE_BYTES = 2 << 30  # SQ8 codes (rows x dim bytes) up to this size; SQ4 above it
 TRAIN_POINTS_PER_LIST = 64  # k-means training rows per inverted list (FAISS warns below 39)
-
-
-@contextlib.contextmanager
-def fp32_matmul() -> Iterator[None]:
-    """Full fp32 matmuls (no TF32 or bf16 reduced precision), as the evaluation ranks; restored afterwards."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def import_faiss() -> Any:
@@ -133,7 +122,7 @@ def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int, exclude: t
         return scores, positions
     block, columns = _blocks(n_queries, rows, per_chunk)
     sims_buf = torch.empty(block, columns)  # (B, S)
-    with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
+    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
         normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
         for q0 in range(0, n_queries, block):
             q = normed[q0:q0 + block]  # (B, D)
@@ -170,7 +159,7 @@ def target_ranks(features: FeatureFile, queries: torch.Tensor, targets: torch.Te
         return out
     block, columns = _blocks(n_queries, rows, per_chunk)
     sims_buf = torch.empty(block, columns)  # (B, S)
-    with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
+    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
         normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
         for q0 in range(0, n_queries, block):
             q = normed[q0:q0 + block]  # (B, D)
@@ -260,7 +249,7 @@ def rerank(features: FeatureFile, queries: torch.Tensor, candidates: np.ndarray,
         return [[] for _ in range(len(cand))]
     rows = torch.zeros(-(-len(ids) // ROW_ALIGN) * ROW_ALIGN, features.dim)  # (U', D)
     rows[:len(ids)] = features.gather(ids)
-    with torch.autocast(device_type="cpu", enabled=False), fp32_matmul():
+    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
         sims = F.normalize(queries.float().cpu(), dim=1) @ rows.t()  # (Q, U')
     column = torch.from_numpy(np.searchsorted(ids, np.where(valid, cand, ids[0])))  # (Q, n)
     scores = torch.where(torch.from_numpy(valid), sims.gather(1, column), float("-inf"))  # (Q, n)

@@ -33,6 +33,7 @@ import ann
 from errors import UserInputError
 from feature_store import SUFFIX, FeatureFile, FeatureWriter
 from seeding import Stream, seeded_rng
+from torch_functions import full_fp32_matmul
 
 N_CENTRES = 1000
 N_QUERIES = 1000
@@ -75,7 +76,7 @@ def make_gallery(workdir: str, gallery_size: int, dim: int, index_dtype: str, un
             "dtype": index_dtype, "queries": os.path.join(workdir, f"{name}-queries.npy"),
             "truth": os.path.join(workdir, f"{name}-truth.npy"), "write_s": 0.0}
     gen = seeded_rng(seed, Stream.INDEX_BENCH, 2)
-    with FeatureWriter(meta["features"], dim, index_dtype) as writer, ann.fp32_matmul():
+    with FeatureWriter(meta["features"], dim, index_dtype) as writer, full_fp32_matmul():
         for row in range(0, gallery_size, GEN_ROWS):
             x = draw(gen, centres, min(GEN_ROWS, gallery_size - row), uniform)  # (C, D)
             truth.add(q @ torch.from_numpy(x).t(), row)

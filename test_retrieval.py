@@ -35,10 +35,11 @@ from torch.utils.data import DataLoader, Dataset
 from datasets import RetrievalTask
 from distributed import all_gather_rows, distributed_world
 from progress import progress
-from protocols.base import (DEFAULT_MAX_CHUNK_ELEMS, Protocol, full_fp32_matmul, normalize_rows, recall_at_k,
+from protocols.base import (DEFAULT_MAX_CHUNK_ELEMS, Protocol, normalize_rows, recall_at_k,
                             target_ranks_from_sims)
 from protocols.cirr import CIRR_KS, CIRR_SUBSET_KS, CirrProtocol, cirr_metrics
 from protocols.fashioniq import FASHIONIQ_STANDARD_KS, FashionIQStandardProtocol, fashioniq_standard_metrics
+from torch_functions import full_fp32_matmul
 
 # The public names, those of ``protocols`` that callers reach through this module among them.
 __all__ = ["CIRR_KS", "CIRR_SUBSET_KS", "DEFAULT_KS", "DEFAULT_MAX_CHUNK_ELEMS", "FASHIONIQ_STANDARD_KS",

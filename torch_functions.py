@@ -10,6 +10,9 @@ Everything runs on the features' device and is vectorised; gradients are autogra
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -104,3 +107,15 @@ class NormalizationLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D) -> (B, D)
         return self.norm_s * x / x.norm(dim=1, keepdim=True)
+
+
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """Full fp32 matmuls (no TF32 or bf16 reduced precision), whatever the caller enabled for training, as the
+    evaluation ranks; the previous precision is restored afterwards."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)

@@ -4,7 +4,6 @@ row, and recall@k over ranks. Pure functions of tensors."""
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets import RetrievalTask
+from torch_functions import full_fp32_matmul
 
 DEFAULT_MAX_CHUNK_ELEMS: int = 2 ** 25  # similarity entries held at once (128 MiB of fp32 per buffer)
 
@@ -35,17 +35,6 @@ class Protocol(abc.ABC):
         """The metrics of the task's query features (Q, D) against its gallery features (G, D). ``nonfinite``: the
         policy for non-finite rows where the protocol does not refuse them; ``ks``: recall cut-offs where the
         protocol lets the caller choose them (None: the protocol's or the task's)."""
-
-
-@contextlib.contextmanager
-def full_fp32_matmul() -> Iterator[None]:
-    """Full fp32 matmuls (no TF32), whatever the caller enabled for training; restored afterwards."""
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def normalize_rows(feats: torch.Tensor) -> torch.Tensor:
