@@ -59,12 +59,13 @@ def eval_splits(args, tasks: dict) -> dict:
     return {split: tasks[split] for split in tasks if split in names}
 
 
-def run_main(args: argparse.Namespace, given: set[str] | None = None) -> int:
+def run_main(args: argparse.Namespace, given: set[str] | None = None, argv: Sequence[str] | None = None) -> int:
     """Trains, or with --test_only evaluates, as ``args`` say.
 
     ``args`` as the parser gives them (flags not given are None or their defaults; resolved args work too) and
     ``given``, the flags the user set (``parse_args``): --test_only and --resume take every other setting of the
-    run from the checkpoint (``take_checkpoint_settings``).
+    run from the checkpoint (``take_checkpoint_settings``). ``argv``: the command line, for run.json (default: this
+    process's).
 
     An unexpected exception once the run folder exists is reported here (``errors.report_internal_error``: one
     line, exit code 1), with its traceback in the run's out.log where a failed run keeps its folder.
@@ -72,12 +73,12 @@ def run_main(args: argparse.Namespace, given: set[str] | None = None) -> int:
     early = LogBuffer()  # what is logged before the run folder exists goes into its out.log too
     logging.getLogger().addHandler(early)
     try:
-        return _run(args, set(given or ()), early)
+        return _run(args, set(given or ()), early, sys.argv[1:] if argv is None else list(argv))
     finally:
         logging.getLogger().removeHandler(early)
 
 
-def _run(args: argparse.Namespace, given: set[str], early) -> int:
+def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> int:
     args, ckpt, source = prepare_args(args, given)
     device = init_distributed(args)
     rank, world = distributed_world()
@@ -99,7 +100,8 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
 
     folder, created = choose_run_folder(args, rank, world)
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
-              score=None if args.test_only else selection_score(args), score_name=score_name, early=early)
+              score=None if args.test_only else selection_score(args), score_name=score_name, early=early,
+              argv=[PROG, *argv])
     run.info.update(info)
     try:
         logger.info("log files saved to %s", folder)
@@ -115,7 +117,9 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
         if args.select_on == "val":
             metrics = evaluate_best_on_test(args, model, tasks, exp.testset, run, device)
     except BaseException as exc:
-        run.abort(f"{PROG}: error: {exc}" if isinstance(exc, RUN_FAILURES) else "")
+        stopped = isinstance(exc, STOPS + (KeyboardInterrupt,))
+        run.abort(f"{PROG}: error: {exc}" if isinstance(exc, RUN_FAILURES) else "",
+                  "interrupted" if stopped else "failed")
         if isinstance(exc, Exception) and not isinstance(exc, RUN_FAILURES + STOPS):
             return report_internal_error(PROG, exc, kept_out_log(run))
         raise
@@ -209,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         with stop_at_once_on_interrupt():
-            return run_main(args, given)
+            return run_main(args, given, argv)
     except UserInputError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

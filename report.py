@@ -17,7 +17,8 @@ from typing import Sequence
 from errors import OneLineParser, UserInputError, report_internal_error
 import config
 from reporting import plots
-from reporting.runs import RunRecord, group_runs, headline_metric, load_runs, split_metric, summarize
+from reporting.runs import (RunRecord, group_provenance, group_runs, headline_metric, load_runs, split_metric,
+                            summarize)
 from reporting.verdict import judge, text_encoder
 
 PROG = "report.py"
@@ -79,6 +80,7 @@ def build_groups(runs: list[RunRecord], warn) -> list[dict]:
             "comparable": verdict.comparable,
             "why_not": verdict.why_not,
             "notes": verdict.notes,
+            "provenance": group_provenance(group),
             "_runs": group,
             "_bar": _bar(final, verdict.published),
             "_short": f"G{i}\n{group[0].args.get('dataset')}\n{group[0].args.get('model')}",
@@ -133,7 +135,19 @@ def group_markdown(group: dict) -> list[str]:
         if row["why_not"]:
             lines.append(f"- {row['model']} {row['metric']} (arXiv {row['arxiv']}) differs: "
                          + "; ".join(row["why_not"]))
-    lines += ["", "Runs: " + ", ".join(f"`{r}`" for r in group["runs"]), ""]
+    lines += ["", "Runs: " + ", ".join(f"`{r}`" for r in group["runs"]), *_provenance_lines(group["provenance"]), ""]
+    return lines
+
+
+def _provenance_lines(prov: dict) -> list[str]:
+    """report.md's lines on what produced a group: its code's commits, libraries and devices (run.json)."""
+    versions = "; ".join(", ".join(f"{k} {v}" for k, v in sorted(vs.items()) if v) for vs in prov["versions"] if vs)
+    lines = ["", f"Code: {', '.join(f'`{c}`' for c in prov['git_commits']) or 'unknown'}"
+             + (" (the runs ran different code)" if len(prov["git_commits"]) > 1 else "")
+             + (" (uncommitted changes)" if any(c.endswith("+changes") for c in prov["git_commits"]) else ""),
+             f"Libraries: {versions or 'unknown'}; devices: {', '.join(map(str, prov['devices'])) or 'unknown'}"]
+    if prov["runs_without_run_json"]:
+        lines.append(f"No run.json (provenance unknown): {', '.join(prov['runs_without_run_json'])}")
     return lines
 
 

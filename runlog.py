@@ -13,7 +13,6 @@ import platform
 import re
 import shutil
 import socket
-import subprocess
 import sys
 from datetime import datetime
 from typing import Callable
@@ -23,6 +22,8 @@ from checkpoint import WriteFailed, atomic_write, save_checkpoint, write_failed
 from config import TENSORBOARD_LEFT_OUT
 # LOG_FORMAT, TqdmLogHandler and print_last: main.py's, through this module
 from console import LOG_FORMAT, LogBuffer, OutLog, TqdmLogHandler, echo, print_last  # noqa: F401
+import provenance
+from distributed import distributed_world
 from errors import UserInputError
 from retrieval_datasets.registry import dataset_spec
 
@@ -184,20 +185,6 @@ def load_history(folder: str) -> list[dict]:
         return []
 
 
-def git_commit() -> str | None:
-    """The project's git commit (with '+changes' when the work tree differs from it), or None outside git."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def split_metric(name: str) -> tuple[str, int, str] | None:
     """'test recall_top10_correct_adj' -> ('test', 10, 'adj'); None for another name."""
     m = _METRIC.match(name)
@@ -249,8 +236,9 @@ class Run:
 
     def __init__(self, args, folder: str, enabled: bool = True, *, device=None, metric_names: tuple = (),
                  score: Callable[[dict], float] | None = None, score_name: str = "", created: bool = False,
-                 early: LogBuffer | None = None):
+                 early: LogBuffer | None = None, argv: list[str] | None = None):
         self.args, self.folder, self.enabled, self.created = args, folder, enabled, created
+        self.argv = argv  # the command line run.json records (default: this process's)
         self.score, self.score_name = score, score_name
         self.history: list[dict] = []
         self.best: dict | None = None
@@ -294,14 +282,25 @@ class Run:
         self.history = load_history(folder)  # a resumed run keeps its history
         for entry in self.history:
             self._update_best(entry)
-        self.record = {"args": {k: v for k, v in vars(args).items()}, "git_commit": git_commit(),
+        self.session = provenance.session_record(device, distributed_world()[1], self.argv)
+        self.record = {"args": {k: v for k, v in vars(args).items()},
+                       "git_commit": provenance.commit_label(self.session["git"]),
                        "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
-                       "device_name": _device_name(device), "host": socket.gethostname(), "command": sys.argv}
+                       "device_name": _device_name(device), "host": socket.gethostname(),
+                       "command": self.argv or sys.argv}
         write_json(os.path.join(folder, "args.json"), self.record, self.write_advice())
+        self.provenance = _load_run_file(folder)  # a resumed run adds its session to the earlier ones
+        self.provenance["sessions"].append(self.session)
+        self._write_provenance()
         with self._writing(f"the TensorBoard events in {folder}"):
             self.writer = SummaryWriter(folder)
             self.writer.add_text("args", args_table(self.record))
             self.writer.add_custom_scalars(custom_layout(metric_names, self.tag_prefix))
+
+    def _write_provenance(self) -> None:
+        """run.json: the record of every process start of this run (``provenance.session_record``)."""
+        data = {**self.provenance, "sessions": [provenance.public(r) for r in self.provenance["sessions"]]}
+        write_json(os.path.join(self.folder, provenance.RUN_FILE), data, self.write_advice())
 
     def write_advice(self) -> str:
         """What the line of a failed write in this run advises: free space (a new run: or another --log_dir), and,
@@ -401,6 +400,8 @@ class Run:
                 self._write_trial(final, it)
         for note in self.notes:
             logger.warning("%s", note)
+        provenance.finish(self.session, "finished")
+        self._write_provenance()
         self._release()
 
     def _write_trial(self, final: dict[str, float], it: int) -> None:
@@ -439,14 +440,19 @@ class Run:
             line += f"; the default run reaches recall@1 {100 * reference[0]:.1f}-{100 * reference[1]:.1f}%"
         return line
 
-    def abort(self, error: str = "") -> None:
-        """A failed run: ``error`` (the line main.py prints) ends its out.log; a run that failed before its first
-        step has its new folder removed (a resumed run's is kept). A write error while closing its files (a full
-        disk) is not raised: the run's own error is the one to report."""
+    def abort(self, error: str = "", status: str = "failed") -> None:
+        """A failed run: ``error`` (the line main.py prints) ends its out.log and run.json records its end with
+        ``status`` ('failed' or 'interrupted'); a run that failed before its first step has its new folder removed (a
+        resumed run's is kept). A write error while closing its files (a full disk) is not raised: the run's own
+        error is the one to report."""
         if not self.enabled:
             return
         if error and getattr(self, "out_log", None) is not None:
             self.out_log.write_line(error)
+        if getattr(self, "session", None) is not None and self.session["end"] is None:
+            provenance.finish(self.session, status)
+            with contextlib.suppress(OSError):
+                self._write_provenance()
         self._release(failed=True)
         self.release()
         if self.created and not self.started:
@@ -466,6 +472,18 @@ class Run:
             console.out_log_ended(out_log)
             with quiet, self._writing(out_log.baseFilename):
                 out_log.close()
+
+
+def _load_run_file(folder: str) -> dict:
+    """run.json of ``folder`` as a dict with a 'sessions' list; a missing or unreadable one gives a new record."""
+    try:
+        with open(os.path.join(folder, provenance.RUN_FILE), encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict) and isinstance(data.get("sessions"), list):
+            return data
+    except (OSError, ValueError, RecursionError):
+        pass
+    return {"format": provenance.FORMAT, "sessions": []}
 
 
 def _torch_version() -> str:

@@ -21,6 +21,7 @@ class RunRecord:
     folder: str
     args: dict
     metrics: dict
+    run_file: dict = dataclasses.field(default_factory=dict)  # run.json (provenance.py); {} where absent
 
     @property
     def seed(self):
@@ -96,7 +97,31 @@ def read_run(folder: str) -> RunRecord:
                          f"unknown") from None
     if not isinstance(record.get("args"), dict):
         raise ValueError("args.json lacks 'args'")
-    return RunRecord(folder=folder, args=record["args"], metrics=metrics)
+    try:
+        run_file = _read_json(os.path.join(folder, "run.json"))
+    except (OSError, ValueError, RecursionError):
+        run_file = {}  # a run written before run.json existed, or a torn file: its provenance is unknown
+    return RunRecord(folder=folder, args=record["args"], metrics=metrics, run_file=run_file)
+
+
+def group_provenance(runs: list[RunRecord]) -> dict:
+    """What produced a group's runs, from their run.json sessions: the distinct git commits (with '+changes' for a
+    tree with uncommitted changes), library versions and devices, and the runs with no run.json."""
+    commits, versions, devices, unknown = [], [], [], []
+    for run in runs:
+        sessions = [s for s in run.run_file.get("sessions", []) if isinstance(s, dict)]
+        if not sessions:
+            unknown.append(run.folder)
+        for session in sessions:
+            git = session.get("git")
+            label = (git["commit"] + ("+changes" if git.get("dirty") else "")) if isinstance(git, dict) and \
+                git.get("commit") else "not a git checkout"
+            for seen, value in ((commits, label), (devices, session.get("device_name")),
+                                (versions, json.dumps(session.get("versions"), sort_keys=True))):
+                if value not in seen:
+                    seen.append(value)
+    return {"git_commits": commits, "versions": [json.loads(v) for v in versions], "devices": devices,
+            "runs_without_run_json": unknown}
 
 
 def find_run_folders(folder: str) -> list[str]:

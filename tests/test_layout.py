@@ -22,7 +22,7 @@ LAYERS = (
     ("data and models", {"datasets", "retrieval_datasets", "synthetic", "image_cache", "gallery",
                          "img_text_composition_models", "text_model", "torch_functions", "checkpoint",
                          "checkpoint_settings", "published", "gallery_index", "feature_store", "ann"}),
-    ("foundations", {"errors", "seeding", "distributed", "progress"}),
+    ("foundations", {"errors", "seeding", "distributed", "progress", "provenance"}),
 )
 
 

@@ -196,3 +196,24 @@ def test_css3d_protocol_is_told_from_the_dataset_folder(tmp_path):
     assert not drawn.comparable and all("2-D drawn query and gallery" in r for r in drawn.why_not)
     unknown = verdict(tmp_path / "elsewhere")
     assert not unknown.comparable and any(r.startswith("cannot tell whether the runs drew") for r in unknown.why_not)
+
+
+def test_the_report_names_the_code_libraries_and_devices_of_each_group(four_runs, capsys):
+    tmp_path, _ = four_runs
+    sessions = {"a0": ("1" * 40, False), "a1": ("2" * 40, True)}  # a2 has no run.json
+    for name, (commit, dirty) in sessions.items():
+        with open(tmp_path / "runs" / name / "run.json", "w") as f:
+            json.dump({"format": "composeae-run/1", "sessions": [
+                {"git": {"commit": commit, "dirty": dirty}, "versions": {"torch": "9.9", "numpy": "1.0"},
+                 "device_name": "cpu-x", "status": "finished"}]}, f)
+    out = tmp_path / "out"
+    assert report.main([str(tmp_path / "runs"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    (three,) = [g for g in json.loads((out / "report.json").read_text())["groups"] if len(g["runs"]) == 3]
+    prov = three["provenance"]
+    assert prov["git_commits"] == ["1" * 40, "2" * 40 + "+changes"]
+    assert prov["versions"] == [{"numpy": "1.0", "torch": "9.9"}] and prov["devices"] == ["cpu-x"]
+    assert prov["runs_without_run_json"] == [str(tmp_path / "runs" / "a2")]
+    md = (out / "report.md").read_text()
+    assert "(the runs ran different code) (uncommitted changes)" in md and "numpy 1.0, torch 9.9" in md
+    assert f"No run.json (provenance unknown): {tmp_path / 'runs' / 'a2'}" in md

@@ -267,6 +267,10 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
     assert err.strip().splitlines()[-1] == (f"main.py: SIGUSR1: interrupted at iteration 2; resume with: "
                                             f"{main.resume_command(argv, ckpt)}")
     assert load(ckpt)["it"] == 2
+    with open(os.path.join(only_run_folder(tmp_path), "run.json")) as f:
+        (session,) = json.load(f)["sessions"]
+    assert session["status"] == "interrupted" and session["end"] is not None  # run.json says how it ended
+    assert session["argv"] == ["main.py", *argv]
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
     assert main.resume_command(["--resume", "old", "--x", "1", "--resume=o2"], "new") == "main.py --resume new --x 1"
 

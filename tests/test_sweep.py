@@ -129,3 +129,32 @@ def test_slurm_without_submitit_or_sbatch_and_a_name_of_other_flags(tmp_path, ca
     assert sweep.main(["--seeds", "0", "--log_dir", str(tmp_path), "--name", "mine", "--", "--model", "composeAE"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "other main.py flags" in err[0]
+
+
+def test_a_three_seed_sweep_reports_the_mean_and_sd_of_its_runs(tmp_path, tiny_mitstates, capsys):
+    import statistics
+
+    import report
+
+    flags = tiny_flags(tiny_mitstates, 2)
+    assert sweep.main(["--seeds", "0", "1", "2", "--log_dir", str(tmp_path), "--name", "three", "--parallel", "3",
+                       "--", *flags]) == 0
+    finals = {}
+    for seed in (0, 1, 2):
+        _, metrics = metrics_of(str(tmp_path / "three" / f"seed{seed}"))
+        finals[seed] = metrics["latest"]
+    out = tmp_path / "report"
+    assert report.main([str(tmp_path / "three"), "--out", str(out)]) == 0
+    capsys.readouterr()
+    (group,) = json.loads((out / "report.json").read_text())["groups"]
+    assert sorted(group["seeds"]) == [0, 1, 2]
+    for name in ("test recall_top1_correct_composition", "test recall_top10_correct_composition"):
+        values = [finals[s][name] for s in group["seeds"]]
+        assert group["final"][name]["values"] == values
+        assert group["final"][name]["mean"] == pytest.approx(statistics.mean(values))
+        assert group["final"][name]["sd"] == pytest.approx(statistics.stdev(values))
+    tirg = [p for p in group["published"] if p["model"] == "tirg" and p["dataset"] == "mitstates"]
+    assert tirg and all(p["arxiv"] == "1812.07119" for p in tirg)
+    assert group["comparable"] is False
+    assert any("2 iterations" in r for r in group["why_not"]) and any("image weights" in r for r in group["why_not"])
+    assert len(group["provenance"]["runs_without_run_json"]) == 0  # every run recorded its provenance
