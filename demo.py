@@ -189,8 +189,7 @@ def build_state(args: argparse.Namespace) -> DemoState:
     device = distributed.pick_device(args.device)
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model)
     image_size = int(margs.image_size)
-    identity = {"checkpoint_sha256": sha256, "image_size": image_size,
-                "model": str(margs.model)}
+    identity = {"checkpoint_sha256": sha256, "image_size": image_size, "model": str(margs.model)}
     # the index's width is the model's, told by one probe query's features
     probe = [{"path": os.path.join(args.gallery, files[0][0]), "text": "image"}]
     _, probe_feats, _ = retrieve.encode(model, image_size, [], probe, batch_size=1, device=device,

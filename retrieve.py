@@ -552,8 +552,7 @@ def run(args: argparse.Namespace) -> int:
         texts = factory.build_datasets(margs)[0].get_all_texts()
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
                                                     texts=texts, ckpt=ckpt)
-    identity = {"checkpoint_sha256": sha256, "image_size": int(margs.image_size),
-                "model": str(margs.model)}
+    identity = {"checkpoint_sha256": sha256, "image_size": int(margs.image_size), "model": str(margs.model)}
     files, hits_of, target_of = search_gallery(args, model, int(margs.image_size), identity, files, queries, device,
                                                skipped)
     where = {f: i for i, f in enumerate(files)}
