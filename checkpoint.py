@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -58,12 +59,14 @@ def write_failed(what: str, exc: OSError, advice: str) -> WriteFailed:
 
 
 def atomic_write(path: str, write: Callable[[IO], Any], mode: str = "wb",
-                 advice: str = "the file there is unchanged") -> None:
+                 advice: str = "the file there is unchanged", before_replace: Callable[[], Any] | None = None) -> None:
     """``write(file)`` into a temp file in the same folder, flushed to disk, then renamed over ``path``: readers
-    see the old file or the whole new one, never a torn one.
+    see the old file or the whole new one, never a torn one. ``before_replace()`` runs between the flush and the
+    rename (``save_checkpoint`` lists the new file's digest there).
 
-    Any failure removes the temp file and leaves ``path`` untouched. A failed write (an OSError, or torch's
-    writer's RuntimeError over one) raises ``WriteFailed`` naming ``path``, the reason and ``advice``.
+    Any failure (``before_replace``'s too) removes the temp file and leaves ``path`` untouched. A failed write (an
+    OSError, or torch's writer's RuntimeError over one) raises ``WriteFailed`` naming ``path``, the reason and
+    ``advice``.
     """
     tmp = f"{path}.tmp{os.getpid()}"
     f = None
@@ -73,6 +76,8 @@ def atomic_write(path: str, write: Callable[[IO], Any], mode: str = "wb",
             write(f)
             raw.flush()
             os.fsync(raw.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as exc:  # disk full, a write error, an interrupt: no temp file left, ``path`` untouched
         with contextlib.suppress(OSError):
@@ -85,9 +90,35 @@ def atomic_write(path: str, write: Callable[[IO], Any], mode: str = "wb",
         raise write_failed(path, cause, advice) from None
 
 
-def save_checkpoint(path: str, state: dict, advice: str = "the file there is unchanged") -> None:
-    """``state`` written atomically to ``path`` (``atomic_write``: a failed write raises ``WriteFailed``)."""
-    atomic_write(path, lambda f: torch.save(state, f), advice=advice)
+class _Hashing:
+    """A write-only file that feeds every byte written to ``f`` into ``digest`` (torch.save writes its zip
+    archive in order, calling only ``write`` and ``flush``, so ``digest`` is the file's SHA-256)."""
+
+    def __init__(self, f: IO, digest):
+        self._f, self._digest = f, digest
+
+    def write(self, data) -> int:
+        self._digest.update(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def save_checkpoint(path: str, state: dict, advice: str = "the file there is unchanged", checksums=None) -> str:
+    """``state`` written atomically to ``path`` (``atomic_write``: a failed write raises ``WriteFailed``); returns
+    the SHA-256 (hex) of the bytes written, hashed while writing.
+
+    With ``checksums`` (a ``checksums.ChecksumFile`` of ``path``'s folder) the file's name and digest are listed
+    there (``add``, keeping the name's old line) before the rename, and the old line dropped (``drop_stale``) after
+    it: a process killed at any moment leaves a listed checkpoint, the old one or the new one.
+    """
+    digest, name = hashlib.sha256(), os.path.basename(path)
+    listed = None if checksums is None else (lambda: checksums.add(name, digest.hexdigest()))
+    atomic_write(path, lambda f: torch.save(state, _Hashing(f, digest)), advice=advice, before_replace=listed)
+    if checksums is not None:
+        checksums.drop_stale(name, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def nonfinite_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[str]:

@@ -16,6 +16,7 @@ import torch
 import cirr_submission
 import img_text_composition_models as models
 from checkpoint import read_checkpoint
+from checksums import verify_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import OneLineParser, UserInputError
 from retrieval_datasets.fashioniq import FASHION_IQ_PROTOCOLS
@@ -160,6 +161,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="parent of the run folder (TensorBoard, checkpoints, metrics.json)")
     g.add_argument("--comment", type=str, default="", help="suffix of the run folder name")
     g.add_argument("--resume", type=str, default="", help="latest_checkpoint.pth to continue training from, exactly")
+    g.add_argument("--ignore_checksum", **BOOL, default=False,
+                   help="--test_only / --resume: use a checkpoint whose SHA-256 differs from the one listed in the "
+                        "checksums.sha256 beside it")
     g.add_argument("--save_every", type=int, default=None,
                    help="write latest_checkpoint.pth every N iterations; 0 = every epoch as the original (default: 0)" + syn("save_every"))
     g.add_argument("--log_every", type=int, default=20, help="log the averaged losses every N iterations (one host sync)")
@@ -344,10 +348,13 @@ def take_checkpoint_settings(args: argparse.Namespace, ckpt: dict, given: set[st
     return args
 
 
-def prepare_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Namespace, dict | None, str]:
-    """``(args, ckpt, source)``: the checkpoint of --test_only / --resume read and checked (``read_checkpoint``,
+def prepare_args(args: argparse.Namespace,
+                 given: set[str]) -> tuple[argparse.Namespace, dict | None, str, str | None]:
+    """``(args, ckpt, source, sha256)``: the checkpoint of --test_only / --resume checked against its run folder's
+    checksums.sha256 (``verify_checkpoint``, its SHA-256 returned), read and checked (``read_checkpoint``,
     ``validate_checkpoint_settings``), its settings taken, the defaults resolved."""
     source = args.model_checkpoint if args.test_only else args.resume
+    sha256 = verify_checkpoint(source, args.ignore_checksum) if source else None
     ckpt = read_checkpoint(source, resume=not args.test_only) if source else None
     if ckpt is not None:
         validate_checkpoint_settings(recorded_settings(ckpt), source)  # before any setting sizes a tensor
@@ -355,7 +362,7 @@ def prepare_args(args: argparse.Namespace, given: set[str]) -> tuple[argparse.Na
         if not args.test_only and "optimizer" not in ckpt:
             raise UserInputError(f"--resume {source} holds no optimizer state (a best_checkpoint.pth, or the original "
                                  f"code's); resume from a latest_checkpoint.pth, or evaluate it with --test_only True")
-    return resolve_defaults(args), ckpt, source
+    return resolve_defaults(args), ckpt, source, sha256
 
 
 def checkpoint_args(ckpt: dict) -> argparse.Namespace:

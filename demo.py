@@ -37,6 +37,8 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+import checksums
+import config
 import distributed
 import factory
 import gallery_index
@@ -44,7 +46,7 @@ import retrieve
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import OneLineParser, UserInputError
-from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery
+from gallery import IMAGE_SUFFIXES, scan_gallery
 from image_cache import MAX_IMAGE_PIXELS, BadImageError, load_rgb_uint8
 
 try:  # an optional extra (requirements-demo.txt): without it, demo.py says how to install it
@@ -81,6 +83,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
+    g.add_argument("--ignore_checksum", **config.BOOL, default=False,
+                   help="use a checkpoint whose SHA-256 differs from the one listed in the checksums.sha256 beside it")
     g.add_argument("--bert_model", type=str, default=None,
                    help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
@@ -180,12 +184,12 @@ def build_state(args: argparse.Namespace) -> DemoState:
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case); "
                              f"pass --gallery DIR holding the images")
+    sha256 = checksums.verify_checkpoint(args.model_checkpoint, args.ignore_checksum)  # a changed file is refused
     validate_checkpoint_settings(recorded_settings(read_checkpoint(args.model_checkpoint)), args.model_checkpoint)
     device = distributed.pick_device(args.device)
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model)
     image_size = int(margs.image_size)
-    identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": image_size,
-                "model": str(margs.model)}
+    identity = {"checkpoint_sha256": sha256, "image_size": image_size, "model": str(margs.model)}
     # the index's width is the model's, told by one probe query's features
     probe = [{"path": os.path.join(args.gallery, files[0][0]), "text": "image"}]
     _, probe_feats, _ = retrieve.encode(model, image_size, [], probe, batch_size=1, device=device,

@@ -79,7 +79,7 @@ def run_main(args: argparse.Namespace, given: set[str] | None = None, argv: Sequ
 
 
 def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> int:
-    args, ckpt, source = prepare_args(args, given)
+    args, ckpt, source, sha256 = prepare_args(args, given)
     device = init_distributed(args)
     rank, world = distributed_world()
     if args.cuda_graph and (device.type != "cuda" or world > 1) and not args.test_only:
@@ -87,6 +87,8 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
                              f"{world} process{'es' if world > 1 else ''}); drop --cuda_graph")
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     info = run_info(args)  # warns now when the numbers are not comparable with the papers' protocol
+    if args.test_only:  # the evaluated file, as verified against its checksums.sha256
+        info.update(checkpoint=os.path.abspath(source), checkpoint_sha256=sha256)
     exp = build_experiment(args, device, ckpt, source)
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
     if args.test_only:

@@ -40,6 +40,7 @@ from typing import Any, Sequence
 import torch
 
 import ann
+import checksums
 import config
 import distributed
 import factory
@@ -51,7 +52,7 @@ from datasets import RetrievalTask
 from retrieval_datasets.base import read_utf8_text
 from errors import UserInputError, report_internal_error
 from feature_store import DTYPES, IndexDamaged
-from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file
+from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file  # noqa: F401  (tests: retrieve.file_sha256)
 from image_cache import BadImageError, load_rgb_uint8
 from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (benchmark.py calls retrieve.load_index and retrieve.save_index)
 
@@ -69,6 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              formatter_class=config.DefaultsFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
+    g.add_argument("--ignore_checksum", **config.BOOL, default=False,
+                   help="use a checkpoint whose SHA-256 differs from the one listed in the checksums.sha256 beside it")
     g.add_argument("--bert_model", type=str, default=None,
                    help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
     g.add_argument("--dataset_path", type=str, default=None,
@@ -539,6 +542,7 @@ def run(args: argparse.Namespace) -> int:
     files, skipped = scan_gallery(args.gallery)
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
+    sha256 = checksums.verify_checkpoint(args.model_checkpoint, args.ignore_checksum)  # a changed file is refused
     ckpt = factory.read_model_checkpoint(args.model_checkpoint)  # a bad checkpoint is refused before any work
     device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
@@ -548,8 +552,7 @@ def run(args: argparse.Namespace) -> int:
         texts = factory.build_datasets(margs)[0].get_all_texts()
     model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
                                                     texts=texts, ckpt=ckpt)
-    identity = {"checkpoint_sha256": file_sha256(args.model_checkpoint), "image_size": int(margs.image_size),
-                "model": str(margs.model)}
+    identity = {"checkpoint_sha256": sha256, "image_size": int(margs.image_size), "model": str(margs.model)}
     files, hits_of, target_of = search_gallery(args, model, int(margs.image_size), identity, files, queries, device,
                                                skipped)
     where = {f: i for i, f in enumerate(files)}

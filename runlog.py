@@ -19,6 +19,7 @@ from typing import Callable
 
 import console
 from checkpoint import WriteFailed, atomic_write, save_checkpoint, write_failed
+from checksums import ChecksumFile
 from config import TENSORBOARD_LEFT_OUT
 # LOG_FORMAT, TqdmLogHandler and print_last: main.py's, through this module
 from console import LOG_FORMAT, LogBuffer, OutLog, TqdmLogHandler, echo, print_last  # noqa: F401
@@ -371,12 +372,13 @@ class Run:
                          advice=self.write_advice())
 
     def save(self, name: str, state_fn: Callable[[], dict], resumable: bool = True) -> None:
-        """Writes ``state_fn()`` atomically to <run folder>/<name> (rank 0 only; every rank calls state_fn); a
-        ``resumable`` one (a full training state) becomes ``last_checkpoint``."""
+        """Writes ``state_fn()`` atomically to <run folder>/<name>, its SHA-256 listed in the folder's
+        checksums.sha256 (``checksums``; rank 0 only; every rank calls state_fn); a ``resumable`` one (a full
+        training state) becomes ``last_checkpoint``."""
         path = os.path.join(self.folder, name)
         state = state_fn()
         if self.enabled:
-            save_checkpoint(path, state, self.write_advice())
+            save_checkpoint(path, state, self.write_advice(), ChecksumFile(self.folder, self.write_advice()))
         if resumable:
             self.last_checkpoint = path
 

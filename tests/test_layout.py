@@ -21,7 +21,7 @@ LAYERS = (
     ("evaluation", {"test_retrieval", "protocols", "visualize"}),
     ("data and models", {"datasets", "retrieval_datasets", "synthetic", "image_cache", "gallery",
                          "img_text_composition_models", "text_model", "torch_functions", "checkpoint",
-                         "checkpoint_settings", "published", "gallery_index", "feature_store", "ann"}),
+                         "checkpoint_settings", "checksums", "published", "gallery_index", "feature_store", "ann"}),
     ("foundations", {"errors", "seeding", "distributed", "progress", "provenance"}),
 )
 
