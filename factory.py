@@ -155,6 +155,10 @@ class Experiment:
     tasks: dict  # {split: (dataset, RetrievalTask)}
     valset: Any = None  # --select_on val: the split that picks best_checkpoint.pth
 
+    def splits(self) -> dict:
+        """``{'train', 'test'[, 'val']}``: the datasets as built (``completeness.DataRecord``, ``fingerprint``)."""
+        return {"train": self.trainset, "test": self.testset, **({"val": self.valset} if self.valset else {})}
+
 
 def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dict | None = None,
                 source: str = "") -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:

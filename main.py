@@ -32,6 +32,8 @@ from distributed import distributed_world, init_distributed
 from errors import UserInputError, report_internal_error
 from factory import build_experiment, cirr_test1, run_info
 from interrupts import EvaluationInterrupted, Interrupted, stop_at_once_on_interrupt, stop_evaluation_on_interrupt
+from retrieval_datasets import completeness
+from retrieval_datasets.registry import dataset_spec
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, print_last, run_folder
 from test_retrieval import NonFiniteFeaturesError
 from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
@@ -87,6 +89,7 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
     logger.info("arguments: %s", " ".join(f"{k}={v}" for k, v in vars(args).items()))
     info = run_info(args)  # warns now when the numbers are not comparable with the papers' protocol
     exp = build_experiment(args, device, ckpt, source)
+    data = completeness.DataRecord(exp.splits(), dataset_spec(args.dataset).title)  # warns of missing images
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
     if args.test_only:
         tasks = eval_splits(args, tasks)
@@ -101,6 +104,9 @@ def _run(args: argparse.Namespace, given: set[str], early) -> int:
     run = Run(args, folder, enabled=rank == 0, device=device, metric_names=names, created=created,
               score=None if args.test_only else selection_score(args), score_name=score_name, early=early)
     run.info.update(info)
+    if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json)
+        run.info["data_fingerprint"] = completeness.fingerprint(exp.splits())
+    run.live_info = data  # every metrics.json write carries the current image counts
     try:
         logger.info("log files saved to %s", folder)
         if args.test_only:
