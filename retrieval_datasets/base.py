@@ -129,10 +129,15 @@ class _RetrievalDataset(torch.utils.data.Dataset):
                 self._report_bad(paths[i])
 
     def _report_bad(self, path: str) -> None:
+        """Records an image that failed to load; a present one (unreadable) with a warning, a missing one quietly
+        (``missing`` holds it from the start, and a run warns of its split's count: ``completeness.DataRecord``)."""
         if path not in self.bad_images:
             self.bad_images.add(path)
+            if path in self.missing:
+                return
             self._new_bad.append(path)
-            logger.warning("skipping unreadable image %s (%d unreadable so far)", path, len(self.bad_images))
+            logger.warning("skipping unreadable image %s (%d unreadable so far)", path,
+                           len(self.bad_images - self.missing))
 
     def take_new_bad(self) -> list[str]:
         """The unreadable files met by this process since the last call (``completeness.take_new_bad``)."""

@@ -65,7 +65,7 @@ def test_fashion200k_run_records_three_missing_images(tmp_path, run_main_cli):
     line = ("Fashion200k train: 3 of 12 listed images are missing (25.0 %); recalls are not comparable with "
             "published numbers")
     assert (out + err).count(line) == 1
-    assert "Fashion200k test: 0 of" not in out + err and (out + err).count("listed images are") == 1
+    assert (out + err).count("listed images are") == 1 and "skipping unreadable image" not in out + err
     (folder,) = glob.glob(os.path.join(str(log_dir), "*"))
     with open(os.path.join(folder, "metrics.json")) as f:
         metrics = json.load(f)
@@ -221,3 +221,24 @@ def test_triplets_list_only_present_images(triplets_data):
     data = completeness.counts(splits)
     assert all(c["listed"] == c["present"] > 0 and c["unreadable"] == 0 for c in data.values())
     assert list(completeness.fingerprint(splits)["files"]) == ["triplets.csv"]
+
+
+def test_css3d_and_cirr_count_what_their_files_list(tmp_path):
+    from test_cirr import make_cirr
+    from test_css3d import make_css
+
+    drawn = datasets.build_splits("css3d", make_css(tmp_path / "drawn"), image_size=S)
+    data = completeness.counts(drawn)
+    assert all(c["listed"] == c["present"] > 0 and c["unreadable"] == 0 for c in data.values())  # 2-D drawn
+    assert list(completeness.fingerprint(drawn)["files"]) == [datasets.CSS3D_FILE]
+    rendered = make_css(tmp_path / "rendered", with_images=True)
+    os.remove(os.path.join(rendered, "images", "css_test_000001.png"))
+    test = completeness.counts(datasets.build_splits("css3d", rendered, image_size=S))["test"]
+    assert test["listed"] - test["present"] == 1 and test["listed"] == data["test"]["listed"]
+    root = make_cirr(tmp_path / "cirr")
+    os.remove(glob.glob(os.path.join(root, "img_raw", "dev", "*-7-*.png"))[0])  # the 8th of 8 val images
+    splits = datasets.build_splits("cirr", root, image_size=S)
+    assert completeness.counts(splits)["test"] == {"listed": 8, "present": 7, "unreadable": 0}
+    assert sorted(completeness.fingerprint(splits)["files"]) == [
+        "captions/cap.rc2.train.json", "captions/cap.rc2.val.json", "image_splits/split.rc2.train.json",
+        "image_splits/split.rc2.val.json"]
