@@ -157,7 +157,8 @@ class Experiment:
 
     def splits(self) -> dict:
         """``{'train', 'test'[, 'val']}``: the datasets as built (``completeness.DataRecord``, ``fingerprint``)."""
-        return {"train": self.trainset, "test": self.testset, **({"val": self.valset} if self.valset is not None else {})}
+        splits = {"train": self.trainset, "test": self.testset}
+        return splits if self.valset is None else {**splits, "val": self.valset}
 
 
 def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dict | None = None,
