@@ -155,6 +155,11 @@ class Experiment:
     tasks: dict  # {split: (dataset, RetrievalTask)}
     valset: Any = None  # --select_on val: the split that picks best_checkpoint.pth
 
+    def splits(self) -> dict:
+        """``{'train', 'test'[, 'val']}``: the datasets as built (``completeness.DataRecord``, ``fingerprint``)."""
+        splits = {"train": self.trainset, "test": self.testset}
+        return splits if self.valset is None else {**splits, "val": self.valset}
+
 
 def build_model(args, device: torch.device, texts: Sequence[str] = (), ckpt: dict | None = None,
                 source: str = "") -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:

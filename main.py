@@ -32,6 +32,8 @@ from distributed import distributed_world, init_distributed
 from errors import UserInputError, report_internal_error
 from factory import build_experiment, cirr_test1, run_info
 from interrupts import EvaluationInterrupted, Interrupted, stop_at_once_on_interrupt, stop_evaluation_on_interrupt
+from retrieval_datasets import completeness
+from retrieval_datasets.registry import dataset_spec
 from runlog import LOG_FORMAT, LogBuffer, Run, TqdmLogHandler, print_last, run_folder
 from test_retrieval import NonFiniteFeaturesError
 from training import (TrainingDiverged, best_metric_name, best_score, evaluate_all, evaluate_best_on_test,
@@ -90,6 +92,7 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
     if args.test_only:  # the evaluated file, as verified against its checksums.sha256
         info.update(checkpoint=os.path.abspath(source), checkpoint_sha256=sha256)
     exp = build_experiment(args, device, ckpt, source)
+    data = completeness.DataRecord(exp.splits(), dataset_spec(args.dataset).title)  # warns of missing images
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
     if args.test_only:
         tasks = eval_splits(args, tasks)
@@ -105,6 +108,9 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
               score=None if args.test_only else selection_score(args), score_name=score_name, early=early,
               argv=[PROG, *argv])
     run.info.update(info)
+    if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json)
+        run.info["data_fingerprint"] = completeness.fingerprint(exp.splits())
+    run.live_info = data  # every metrics.json write carries the current image counts
     try:
         logger.info("log files saved to %s", folder)
         if args.test_only:

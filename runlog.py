@@ -245,6 +245,8 @@ class Run:
         self.best: dict | None = None
         self.started = False
         self.info: dict = {}  # what the numbers are comparable with (factory.run_info), written into metrics.json
+        # () -> the current entries of metrics.json that change during the run (completeness.DataRecord: "data")
+        self.live_info: Callable[[], dict] | None = None
         self.lock: RunLock | None = None
         # split -> (gallery images, distinct target classes) of the evaluated splits, for the summary table and the
         # yardstick (training.evaluate_all)
@@ -350,13 +352,18 @@ class Run:
             for name, value in metrics.items():
                 split, _, metric = name.partition(" ")
                 self.writer.add_scalar(f"{self.tag_prefix}{split}/{metric}", value, it)
-        data = {**self.info, "latest": self.history[-1], "history": self.history}
-        if self.best is not None:
-            data["best"] = self.best
-        write_json(os.path.join(self.folder, "metrics.json"), data, self.write_advice())
+        self._write_metrics_json()
         sizes = {split: size for split, (size, _) in self.galleries.items()}
         for line in summary_table(metrics, it, self.best, sizes):
             echo(line)
+
+    def _write_metrics_json(self) -> None:
+        """metrics.json: ``info``, the current ``live_info()`` (the dataset counts), latest, history and best."""
+        data = {**self.info, **(self.live_info() if self.live_info else {}), "latest": self.history[-1],
+                "history": self.history}
+        if self.best is not None:
+            data["best"] = self.best
+        write_json(os.path.join(self.folder, "metrics.json"), data, self.write_advice())
 
     def image(self, tag: str, picture, it: int, file_name: str = "") -> None:
         """A PIL image to TensorBoard under ``tag`` at step ``it`` and, with ``file_name``, atomically to
@@ -390,10 +397,13 @@ class Run:
 
     def close(self, final: dict[str, float], it: int = 0) -> None:
         """The end of the run: the yardstick line, for a training run its HParams trial (``_write_trial``), then
-        ``notes`` as the run's last lines (warnings), the files closed and the lock released."""
+        ``notes`` as the run's last lines (warnings), the files closed and the lock released. metrics.json is
+        written again when ``live_info`` may have changed since (unreadable images met after the last evaluation)."""
         self.release()
         if not self.enabled:
             return
+        if self.history and self.live_info is not None:
+            self._write_metrics_json()
         line = self.yardstick()
         if line:
             echo(line)

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from datasets import RetrievalTask
 from distributed import all_gather_rows, distributed_world
 from progress import progress
+from retrieval_datasets import completeness
 from protocols.base import (DEFAULT_MAX_CHUNK_ELEMS, Protocol, normalize_rows, recall_at_k,
                             target_ranks_from_sims)
 from protocols.cirr import CIRR_KS, CIRR_SUBSET_KS, CirrProtocol, cirr_metrics
@@ -374,6 +375,11 @@ class _KeyedImages(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.dataset.load_image(self.keys[i])
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, list[str]]:
+        """A batch (B, 3, S, S) and the unreadable files met meanwhile, which a worker thus sends back (the
+        loader's collate_fn=tuple keeps the pair)."""
+        return torch.stack([self[i] for i in indices]), completeness.take_new_bad(self.dataset)
+
 
 def _assemble_rows(rows: torch.Tensor | None, index: torch.Tensor, total: int, world_size: int,
                    device: torch.device) -> torch.Tensor:
@@ -466,7 +472,8 @@ def _encode_images(model: torch.nn.Module, loader: DataLoader, share: _Share, de
     gallery_buf: torch.Tensor | None = None  # (n_gallery, D) fp32
     state_buf: torch.Tensor | None = None  # (n_sources, ...) the model's state dtype
     start = 0
-    for imgs in progress(loader, desc=f"{desc} images", disable=not show):
+    for imgs, bad_paths in progress(loader, desc=f"{desc} images", disable=not show):
+        completeness.add_bad(loader.dataset.dataset, bad_paths)  # met in a DataLoader worker: into the record
         imgs = imgs.to(device, non_blocking=True)  # (B, 3, S, S) uint8
         with autocast:
             embedding, state = model.image_features(imgs)  # (B, D), (B, ...)
@@ -561,7 +568,7 @@ def encode_task(model: torch.nn.Module, dataset: Any, task: RetrievalTask, *, ba
     logger.info("%s: %d images (%d on this rank), %d queries (%d on this rank), gallery %d", desc, len(share.used),
                 len(share.mine), n_queries, len(share.queries), len(task.gallery))
     loader = DataLoader(_KeyedImages(dataset, [task.image_keys[p] for p in share.mine]), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda", collate_fn=tuple,
                         generator=torch.Generator())  # worker seeds from its own generator: training's RNG stays put
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)
 

@@ -26,6 +26,7 @@ from distributed import distributed_world
 from errors import UserInputError
 from interrupts import Interrupted, agree_on_signal, ignore_interrupts_in_worker, interrupt_flag
 from progress import interactive, progress, progress_line
+from retrieval_datasets import completeness
 from retrieval_datasets.registry import dataset_spec
 from runlog import Run
 from selection import best_metric_name, best_score, metric_names, new_best, selection_tasks  # noqa: F401 (main.py)
@@ -177,6 +178,7 @@ def epoch_batches(loader, sampler, p: Progress, args) -> Iterator[dict]:
         sampler.set_start_batch(p.batch_in_epoch)
         steps = skipped = 0
         for batch in loader:
+            completeness.add_bad(loader.dataset, batch.get("bad_paths", ()))  # met in a DataLoader worker
             if len(batch["text"]) < 2:
                 skipped += 1
                 continue

@@ -63,18 +63,32 @@ def _values(runs: list[RunRecord], key: str) -> list:
 
 
 def _data_problems(run: RunRecord) -> list[str]:
-    """metrics.json 'data' counts of missing or unreadable listed images that are above 0."""
+    """The splits of metrics.json's ``"data": {split: {"listed", "present", "unreadable"}}`` with missing
+    (listed - present) or unreadable listed images, each as ``'<split>: 120 listed images, 3 missing'``."""
     data = run.metrics.get("data")
     if not isinstance(data, dict):
         return []
-    return [f"{value} {name.replace('_', ' ')}" for name, value in data.items()
-            if any(word in name for word in ("missing", "unreadable")) and isinstance(value, int)
-            and not isinstance(value, bool) and value > 0]
+
+    def count(c: dict, key: str) -> int:
+        value = c.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    problems = []
+    for split, c in data.items():
+        if not isinstance(c, dict):
+            continue
+        listed = count(c, "listed")
+        missing = listed - count(c, "present") if "present" in c else 0
+        found = [f"{n:,} missing" for n in [missing] if n > 0]
+        found += [f"{n:,} unreadable" for n in [count(c, "unreadable")] if n > 0]
+        if found:
+            problems.append(f"{split}: {listed:,} listed images, {' and '.join(found)}")
+    return problems
 
 
 def general_reasons(runs: list[RunRecord]) -> list[str]:
     """The reasons that hold against every published number: selection on test, image weights, image size, too few
-    iterations, missing images."""
+    iterations, missing or unreadable listed images (metrics.json "data", a reason per run naming its splits)."""
     reasons = []
     if "test" in _values(runs, "select_on"):
         reasons.append("best_checkpoint.pth is selected on the test split (--select_on test): its 'best' numbers "
@@ -93,7 +107,7 @@ def general_reasons(runs: list[RunRecord]) -> list[str]:
     for run in runs:
         problems = _data_problems(run)
         if problems:
-            reasons.append(f"{run.folder}: {', '.join(problems)} listed images")
+            reasons.append(f"{run.folder}: {'; '.join(problems)} (recalls not comparable with published numbers)")
     return reasons
 
 

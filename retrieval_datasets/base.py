@@ -25,6 +25,8 @@ from errors import UserInputError
 from image_cache import BadImageError, ImageCache, load_rgb_uint8
 from seeding import Stream, seeded_rng
 
+from . import completeness
+
 logger = logging.getLogger("datasets")  # the name its log lines carry
 
 
@@ -105,7 +107,10 @@ class _RetrievalDataset(torch.utils.data.Dataset):
         self.use_complete_text_query = bool(use_complete_text_query)
         self.seed = int(seed)
         self.image_cache_dir = image_cache
-        self.bad_images: set[str] = set()  # unreadable files seen by this process (workers keep their own)
+        self.bad_images: set[str] = set()  # unreadable files seen by this process (and added from its workers)
+        self._new_bad: list[str] = []  # unreadable files met since ``take_new_bad`` last ran (a worker's batch)
+        self.missing: frozenset[str] = frozenset()  # listed image files absent at the start (``completeness``)
+        self.index_files: list[str] = []  # the release's files that list the split's images; [] = the folder
         self._paths: list[str] = []
         self._cache: ImageCache | None = None
 
@@ -114,17 +119,46 @@ class _RetrievalDataset(torch.utils.data.Dataset):
         return ""
 
     def _set_image_paths(self, paths: list[str], cache_name: str) -> None:
-        """Registers the image files (image id = position) and builds/opens the decode-once cache if asked."""
+        """Registers the image files (image id = position), notes the absent ones (``missing``: one stat each) and
+        builds/opens the decode-once cache if asked."""
         self._paths = paths
+        self.missing = completeness.missing_paths(paths)
         if self.image_cache_dir:
             self._cache = ImageCache(self.image_cache_dir, cache_name, self.split, self.image_size, paths)
             for i in sorted(self._cache.bad):
                 self._report_bad(paths[i])
 
     def _report_bad(self, path: str) -> None:
+        """Records an image that failed to load; a present one (unreadable) with a warning, a missing one quietly
+        (``missing`` holds it from the start, and a run warns of its split's count: ``completeness.DataRecord``)."""
         if path not in self.bad_images:
             self.bad_images.add(path)
-            logger.warning("skipping unreadable image %s (%d unreadable so far)", path, len(self.bad_images))
+            if path in self.missing:
+                return
+            self._new_bad.append(path)
+            logger.warning("skipping unreadable image %s (%d unreadable so far)", path,
+                           len(self.bad_images - self.missing))
+
+    def take_new_bad(self) -> list[str]:
+        """The unreadable files met by this process since the last call (``completeness.take_new_bad``)."""
+        new, self._new_bad = self._new_bad, []
+        return new
+
+    def listed_paths(self) -> list[str]:
+        """The image files the split's index files list, each once."""
+        return list(dict.fromkeys(self._paths))
+
+    def listed_groups(self) -> dict[str, list[str]]:
+        """``{'': listed_paths()}``; a dataset counted per category (Fashion IQ) returns one list per category."""
+        return {"": self.listed_paths()}
+
+    def __getitems__(self, keys: Sequence[Any]) -> list:
+        """The items of ``keys`` (None where an image is unreadable), then, when this process met unreadable images
+        since the last batch, a note ``{'bad_paths': [...]}`` that ``collate_train`` carries back to the main
+        process (DataLoader workers keep their own ``bad_images``)."""
+        items: list = [self[k] for k in keys]
+        new = self.take_new_bad()
+        return items + [{"bad_paths": new}] if new else items
 
     def _load_id(self, i: int) -> torch.Tensor:
         """uint8 (3, S, S) of image id ``i``; raises BadImageError."""

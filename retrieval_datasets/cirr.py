@@ -35,6 +35,7 @@ class CIRR(_RetrievalDataset):
             raise UserInputError(f"CIRR split {split!r} is unknown: use one of {', '.join(CIRR_SPLITS)}")
         split_file = os.path.join(path, "image_splits", f"split.rc2.{split}.json")
         caption_file = os.path.join(path, "captions", f"cap.rc2.{split}.json")
+        self.index_files = [split_file, caption_file]
         name2rel = self._read_json(split_file, dict)
         for i, (name, rel) in enumerate(name2rel.items()):
             problem = text_problem(name, "an image name") or text_problem(rel, "a relative image path string")

@@ -46,6 +46,7 @@ class CSS3D(_RetrievalDataset):
         if not os.path.isfile(scene_file):
             raise UserInputError(f"{scene_file} is missing: CSS3D needs the layout {self._layout()}")
         data = css3d_render.load_scene_file(scene_file)
+        self.index_files = [scene_file]
         if split not in data or not isinstance(data[split], dict):
             raise UserInputError(f"{scene_file} has no {split!r} split (it holds {sorted(map(str, data))})")
         part = data[split]
@@ -85,6 +86,10 @@ class CSS3D(_RetrievalDataset):
     @classmethod
     def _layout(cls) -> str:
         return f"<path>/{CSS3D_FILE} and, for the 3-D renders, <path>/images/css_<split>_<%06d>.png"
+
+    def listed_paths(self) -> list[str]:
+        """The split's image files; drawn in 2-D (no images/), one name per scene, all present."""
+        return [f"scene {i}" for i in range(len(self.objects))] if self.rendered else super().listed_paths()
 
     def __len__(self) -> int:
         return len(self.objects)

@@ -63,6 +63,7 @@ class Fashion200k(_RetrievalDataset):
         if not label_files:
             raise UserInputError(f"no label files *{suffix} in {labels_dir}: Fashion200k needs {self._layout()}")
         self.imgs: list[dict] = []
+        self.index_files = [os.path.join(labels_dir, f) for f in label_files]  # + test_queries.txt for test
         for file_name in label_files:
             label_path = os.path.join(labels_dir, file_name)
             lines = _read_utf8_lines(label_path)
@@ -113,6 +114,7 @@ class Fashion200k(_RetrievalDataset):
         if not os.path.isfile(queries_path):
             raise UserInputError(f"{queries_path} is missing: Fashion200k evaluation needs it "
                                  f"('source_path target_path' a line)")
+        self.index_files.append(queries_path)
         lines = _read_utf8_lines(queries_path)
         for line_no, line in enumerate(lines, 1):
             if not line.strip():

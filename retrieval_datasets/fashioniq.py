@@ -77,6 +77,7 @@ class FashionIQ(_RetrievalDataset):
             split_names += names
             self.category_gallery[cat] = list(dict.fromkeys(names))
             caption_file = os.path.join(path, "captions", f"cap.{cat}.{split}.json")
+            self.index_files += [split_file, caption_file]
             self.entries += [self._entry(caption_file, i, entry, cat)
                              for i, entry in enumerate(self._read_json_list(caption_file))]
         if not self.entries:
@@ -150,6 +151,14 @@ class FashionIQ(_RetrievalDataset):
             text = " ".join(captions).lower()
         return {"category": cat, "candidate": entry["candidate"], "target": entry["target"],
                 "captions": list(captions), "text": text}
+
+    def listed_groups(self) -> dict[str, list[str]]:
+        """Category -> the image files its split and caption files list (completeness counts per category)."""
+        groups = {}
+        for cat, names in self.category_gallery.items():
+            named = names + [e[k] for e in self.entries if e["category"] == cat for k in ("candidate", "target")]
+            groups[cat] = [os.path.join(self.images_dir, n + ".jpg") for n in dict.fromkeys(named)]
+        return groups
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -77,11 +77,15 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 
 def collate_train(items: Sequence[dict | None], keep_size: bool = False) -> dict:
-    """Stacks training items into a batch; items that are None (an unreadable image) are dropped.
+    """Stacks training items into a batch; items that are None (an unreadable image) are dropped. The batch's
+    ``bad_paths`` lists the unreadable image files that the notes ``{'bad_paths': [...]}`` among the items name
+    (``_RetrievalDataset.__getitems__``: met in the process that loaded the batch, maybe a DataLoader worker).
 
     ``keep_size=True`` (several processes, whose batch shares must stay equal for the all-gathers) replaces them
     by copies of the first readable item instead.
     """
+    bad_paths = [p for it in items if it is not None and "source_img" not in it for p in it.get("bad_paths", ())]
+    items = [it for it in items if it is None or "source_img" in it]
     if keep_size and any(it is None for it in items):
         first = next((it for it in items if it is not None), None)
         if first is None:
@@ -92,7 +96,7 @@ def collate_train(items: Sequence[dict | None], keep_size: bool = False) -> dict
         return {"source_img": torch.empty(0, 3, 0, 0, dtype=torch.uint8),
                 "target_img": torch.empty(0, 3, 0, 0, dtype=torch.uint8), "text": [],
                 "source_img_id": torch.empty(0, dtype=torch.long), "target_img_id": torch.empty(0, dtype=torch.long),
-                "target_caption": []}
+                "target_caption": [], "bad_paths": bad_paths}
     return {
         "source_img": torch.stack([it["source_img"] for it in items]),  # (B, 3, S, S) uint8
         "target_img": torch.stack([it["target_img"] for it in items]),  # (B, 3, S, S) uint8
@@ -100,4 +104,5 @@ def collate_train(items: Sequence[dict | None], keep_size: bool = False) -> dict
         "source_img_id": torch.tensor([it["source_img_id"] for it in items], dtype=torch.long),  # (B,)
         "target_img_id": torch.tensor([it["target_img_id"] for it in items], dtype=torch.long),  # (B,)
         "target_caption": [it["target_caption"] for it in items],
+        "bad_paths": bad_paths,  # unreadable image files met while loading this batch
     }

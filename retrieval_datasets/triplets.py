@@ -146,6 +146,7 @@ class Triplets(_RetrievalDataset):
             warn_self_targets(csv_path, file_rows)
         rows = self.file_rows = file_rows
         self.csv_path = csv_path
+        self.index_files = [csv_path]  # read_triplets_csv refused missing images: every listed image is present
         mine = [r for r in rows if r["split"] == split]
         if not mine and split == "test":
             mine = [r for r in rows if r["split"] == "val"]

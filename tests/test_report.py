@@ -158,8 +158,17 @@ def test_verdict_names_each_difference_from_the_published_protocol():
     assert ae.comparable and ae.notes and {p["arxiv"] for p in ae.published} == {"2006.11149"}
     ae_modification = verdict(model="composeAE", use_bert=True)
     assert not ae_modification.comparable and any("protocol" in r for r in ae_modification.why_not)
-    missing = judge([RunRecord("r", paper_like(), {"latest": {}, "history": [], "data": {"missing": 3}})])
-    assert not missing.comparable and any("3 missing" in r for r in missing.why_not)
+    def with_data(data):
+        return judge([RunRecord("r", paper_like(), {"latest": {}, "history": [], "data": data})])
+
+    missing = with_data({"train": {"listed": 1200, "present": 1197, "unreadable": 0},
+                         "test": {"listed": 50, "present": 50, "unreadable": 0}})
+    assert not missing.comparable
+    assert [r for r in missing.why_not if r.startswith("r: ")] == [
+        "r: train: 1,200 listed images, 3 missing (recalls not comparable with published numbers)"]
+    unreadable = with_data({"dress test": {"listed": 9, "present": 8, "unreadable": 2}})
+    assert any("r: dress test: 9 listed images, 1 missing and 2 unreadable" in r for r in unreadable.why_not)
+    assert with_data({"train": {"listed": 5, "present": 5, "unreadable": 0}}).comparable
     fiq = verdict(dataset="fashionIQ", model="composeAE", use_bert=True, fashioniq_protocol="standard")
     assert not fiq.comparable and any("per-category" in r for r in fiq.why_not)
     small = verdict(image_size=64, num_iters=1000)
