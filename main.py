@@ -108,8 +108,9 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
               score=None if args.test_only else selection_score(args), score_name=score_name, early=early,
               argv=[PROG, *argv])
     run.info.update(info)
-    if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json)
+    if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json and run.json)
         run.info["data_fingerprint"] = completeness.fingerprint(exp.splits())
+        run.record_provenance(data_fingerprint=run.info["data_fingerprint"])
     run.live_info = data  # every metrics.json write carries the current image counts
     try:
         logger.info("log files saved to %s", folder)

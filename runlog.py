@@ -300,6 +300,12 @@ class Run:
             self.writer.add_text("args", args_table(self.record))
             self.writer.add_custom_scalars(custom_layout(metric_names, self.tag_prefix))
 
+    def record_provenance(self, **entries) -> None:
+        """Adds ``entries`` (e.g. the dataset's fingerprint) to this process's session in run.json."""
+        if self.enabled:
+            self.session.update(entries)
+            self._write_provenance()
+
     def _write_provenance(self) -> None:
         """run.json: the record of every process start of this run (``provenance.session_record``)."""
         data = {**self.provenance, "sessions": [provenance.public(r) for r in self.provenance["sessions"]]}

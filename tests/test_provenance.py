@@ -89,3 +89,11 @@ def test_an_aborted_session_records_how_it_ended():
     public = provenance.public(record)
     assert public["status"] == "interrupted" and public["end"] and public["wall_s"] >= 0
     assert "_t0" not in public and json.loads(json.dumps(public)) == public
+
+
+def test_run_json_holds_the_datasets_fingerprint_as_metrics_json(tirg_lstm_run):
+    (session,) = read_run_file(tirg_lstm_run["folder"])["sessions"]
+    with open(os.path.join(tirg_lstm_run["folder"], "metrics.json")) as f:
+        metrics = json.load(f)
+    assert session["data_fingerprint"] == metrics["data_fingerprint"]
+    assert len(session["data_fingerprint"]["sha256"]) == 64
