@@ -196,10 +196,8 @@ def one_thread():
     ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    yield
+    torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -267,6 +265,12 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     argv = list(argv)
     argv[argv.index(flag) + 1] = value
     return argv
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, triplets_data) -> str:
+    """The test split's 18 images in a folder of their own (``copy_test_split``), one copy per test module."""
+    return copy_test_split(triplets_data, str(tmp_path_factory.mktemp("gallery")))
 
 
 @pytest.fixture(scope="session")

@@ -43,11 +43,6 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data, gallery_tools) -> str:
-    return gallery_tools.copy_test_split(triplets_data, str(tmp_path_factory.mktemp("demo_gallery")))
-
-
-@pytest.fixture(scope="module")
 def client(triplets_run, gallery):
     return demo.create_app(state_for(triplets_run["ckpt"], gallery)).test_client()
 

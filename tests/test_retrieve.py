@@ -20,15 +20,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data, gallery_tools) -> str:
-    """The test split's images copied into a folder of their own, with queries.csv = every test row."""
-    folder = gallery_tools.copy_test_split(triplets_data, str(tmp_path_factory.mktemp("gallery")))
-    rows = gallery_tools.test_rows(triplets_data)
-    with open(os.path.join(folder, "queries.csv"), "w", newline="") as f:
+def gallery(gallery, triplets_data, gallery_tools) -> str:
+    """conftest's gallery (the test split's images in a folder of their own) with queries.csv = every test row."""
+    with open(os.path.join(gallery, "queries.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "text", "target"])
-        w.writerows([r["source"], r["text"], r["target"]] for r in rows)
-    return folder
+        w.writerows([r["source"], r["text"], r["target"]] for r in gallery_tools.test_rows(triplets_data))
+    return gallery
 
 
 def printed(stdout: str, name: str) -> float:

@@ -33,12 +33,6 @@ def one_error(rc: int, err: str, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data, gallery_tools) -> str:
-    """The test split's 18 images in a folder of their own."""
-    return gallery_tools.copy_test_split(triplets_data, str(tmp_path_factory.mktemp("gallery")))
-
-
 @pytest.fixture
 def query(triplets_run, gallery, gallery_tools) -> list[str]:
     return gallery_tools.query_flags(triplets_run["ckpt"], gallery, 5)

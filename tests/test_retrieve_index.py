@@ -16,12 +16,6 @@ import retrieve
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data, gallery_tools) -> str:
-    """The test split's 18 images in a folder of their own."""
-    return gallery_tools.copy_test_split(triplets_data, str(tmp_path_factory.mktemp("gallery")))
-
-
 @pytest.fixture
 def query(triplets_run, gallery, gallery_tools) -> list[str]:
     return gallery_tools.query_flags(triplets_run["ckpt"], gallery, 17)
