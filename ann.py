@@ -16,10 +16,11 @@ the figure.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -103,6 +104,30 @@ def _blocks(n_queries: int, rows: int, rows_per_chunk: int) -> tuple[int, int]:
     return block, min(columns, -(-rows // rows_per_chunk) * rows_per_chunk)
 
 
+@contextlib.contextmanager
+def _query_blocks(queries: torch.Tensor, rows: int,
+                  rows_per_chunk: int) -> Iterator[tuple[list[tuple[int, torch.Tensor]], int, torch.Tensor]]:
+    """``(blocks, columns, buffer)`` for scoring the queries (Q, D) against ``rows`` stored rows, with autocast off
+    and fp32 matmuls (``full_fp32_matmul``) while the context is open: the L2-normalised queries cut into blocks of
+    ``_blocks`` rows as ``(first query, block (B, D))``, the columns a buffer holds, and that buffer (B, columns)."""
+    block, columns = _blocks(queries.shape[0], rows, rows_per_chunk)
+    sims_buf = torch.empty(block, columns)  # (B, S)
+    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
+        normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
+        yield [(q0, normed[q0:q0 + block]) for q0 in range(0, queries.shape[0], block)], columns, sims_buf
+
+
+def _similarities(features: FeatureFile, q: torch.Tensor, sims_buf: torch.Tensor, s0: int, s_n: int,
+                  stop: int) -> torch.Tensor:
+    """(B, s_n) similarities of the query block ``q`` (B, D) to the stored rows ``[s0, s0 + s_n)`` (none past
+    ``stop``), written into ``sims_buf``: read in padded chunks of one shape (``FeatureFile.chunks(padded=True)``),
+    so every chunk is one matmul of one shape and a row's score does not depend on its chunk."""
+    for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
+        n = min(features.rows_per_chunk, stop - row0)
+        sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
+    return sims_buf[:q.shape[0], :s_n]
+
+
 def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int, exclude: torch.Tensor | None = None,
                 start: int = 0, stop: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores, positions)`` (Q, min(k, G)) of every query (Q, D) against the stored rows ``[start, stop)`` (a
@@ -114,33 +139,26 @@ def exact_top_k(features: FeatureFile, queries: torch.Tensor, k: int, exclude: t
     its chunk), and their similarities gathered into a (queries, columns) buffer of at most ``MAX_SIM_ELEMS``
     (``_blocks``), whose top k is merged into the running top k (``RunningTopK``)."""
     stop = features.rows if stop is None else min(stop, features.rows)
-    n_queries, rows, per_chunk = queries.shape[0], max(0, stop - start), features.rows_per_chunk
+    n_queries, rows = queries.shape[0], max(0, stop - start)
     kk = min(int(k), rows)
     scores = torch.empty(n_queries, kk, dtype=torch.float32)  # (Q, k)
     positions = torch.empty(n_queries, kk, dtype=torch.long)  # (Q, k)
     if n_queries == 0 or kk == 0:
         return scores, positions
-    block, columns = _blocks(n_queries, rows, per_chunk)
-    sims_buf = torch.empty(block, columns)  # (B, S)
-    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
-        normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
-        for q0 in range(0, n_queries, block):
-            q = normed[q0:q0 + block]  # (B, D)
-            excl = None if exclude is None else exclude[q0:q0 + block].cpu()  # (B,)
+    with _query_blocks(queries, rows, features.rows_per_chunk) as (blocks, columns, sims_buf):
+        for q0, q in blocks:  # q: (B, D)
+            excl = None if exclude is None else exclude[q0:q0 + q.shape[0]].cpu()  # (B,)
             best = RunningTopK(q.shape[0], kk)
             for s0 in range(start, stop, columns):
                 s_n = min(columns, stop - s0)
-                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
-                    n = min(per_chunk, stop - row0)
-                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
-                sims = sims_buf[:q.shape[0], :s_n]  # (B, s_n)
+                sims = _similarities(features, q, sims_buf, s0, s_n, stop)  # (B, s_n)
                 check_similarities(sims, s0)
                 if excl is not None:
                     local = excl - s0  # (B,)
                     hit = torch.nonzero((local >= 0) & (local < s_n)).flatten()
                     sims[hit, local[hit]] = float("-inf")
                 best.add(sims, s0)
-            scores[q0:q0 + block], positions[q0:q0 + block] = best.scores, best.ids
+            scores[q0:q0 + q.shape[0]], positions[q0:q0 + q.shape[0]] = best.scores, best.ids
     return scores, positions
 
 
@@ -151,35 +169,27 @@ def target_ranks(features: FeatureFile, queries: torch.Tensor, targets: torch.Te
     the excluded position (Q,) not counted (a target that is the excluded position: ``(0, nan)``). The
     similarities are ``exact_top_k``'s computation (the same query blocks, ``_blocks``, and padded chunks of one
     shape, in fp32), so the score equals the one exact search reports, bit for bit."""
-    n_queries, rows, per_chunk = queries.shape[0], features.rows, features.rows_per_chunk
+    n_queries, rows = queries.shape[0], features.rows
     targets, exclude = targets.cpu().long(), exclude.cpu().long()  # (Q,), (Q,)
     out = [(0, float("nan"))] * n_queries
     wanted = (targets >= 0) & (targets < rows) & (targets != exclude)  # (Q,)
     if n_queries == 0 or rows == 0 or not bool(wanted.any()):
         return out
-    block, columns = _blocks(n_queries, rows, per_chunk)
-    sims_buf = torch.empty(block, columns)  # (B, S)
-    with torch.autocast(device_type="cpu", enabled=False), full_fp32_matmul():
-        normed = F.normalize(queries.float().cpu(), dim=1)  # (Q, D)
-        for q0 in range(0, n_queries, block):
-            q = normed[q0:q0 + block]  # (B, D)
-            t, excl, want = targets[q0:q0 + block], exclude[q0:q0 + block], wanted[q0:q0 + block]  # (B,)
+    with _query_blocks(queries, rows, features.rows_per_chunk) as (blocks, columns, sims_buf):
+        for q0, q in blocks:  # q: (B, D)
+            b = slice(q0, q0 + q.shape[0])
+            t, excl, want = targets[b], exclude[b], wanted[b]  # (B,)
             target_score = torch.full((q.shape[0],), float("nan"))  # (B,)
             for s0 in range(0, rows, columns):  # the target's own score first
                 s_n = min(columns, rows - s0)
-                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
-                    n = min(per_chunk, rows - row0)
-                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]  # one matmul shape
+                sims = _similarities(features, q, sims_buf, s0, s_n, rows)  # (B, s_n)
                 local = t - s0  # (B,)
                 hit = torch.nonzero(want & (local >= 0) & (local < s_n)).flatten()
-                target_score[hit] = sims_buf[hit, local[hit]]
+                target_score[hit] = sims[hit, local[hit]]
             above = torch.zeros(q.shape[0], dtype=torch.long)  # (B,) rows ranked before the target
             for s0 in range(0, rows, columns):
                 s_n = min(columns, rows - s0)
-                for row0, chunk in features.chunks(s0, s0 + s_n, padded=True):
-                    n = min(per_chunk, rows - row0)
-                    sims_buf[:q.shape[0], row0 - s0:row0 - s0 + n] = (q @ chunk.t())[:, :n]
-                sims = sims_buf[:q.shape[0], :s_n]  # (B, s_n)
+                sims = _similarities(features, q, sims_buf, s0, s_n, rows)  # (B, s_n)
                 check_similarities(sims, s0)
                 position = torch.arange(s0, s0 + s_n)  # (s_n,)
                 before = (sims > target_score[:, None]) | (
@@ -189,13 +199,6 @@ def target_ranks(features: FeatureFile, queries: torch.Tensor, targets: torch.Te
             for i in torch.nonzero(want).flatten().tolist():
                 out[q0 + i] = (int(above[i]) + 1, float(target_score[i]))
     return out
-
-
-def rank_of(features: FeatureFile, queries: torch.Tensor, targets: torch.Tensor,
-            exclude: torch.Tensor) -> list[int]:
-    """The rank over the whole gallery of every query's (Q, D) target position (Q,) (-1 for none: 0), as
-    ``exact_top_k`` ranks, the excluded position (Q,) not counted (``target_ranks``)."""
-    return [r for r, _ in target_ranks(features, queries, targets, exclude)]
 
 
 def as_hits(scores: torch.Tensor, positions: torch.Tensor, k: int,

@@ -38,7 +38,6 @@ import torch
 from PIL import Image
 
 import checksums
-import config
 import distributed
 import factory
 import gallery_index
@@ -81,12 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     """The flags of demo.py: the model, the gallery and where the page is served."""
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
-    g.add_argument("--ignore_checksum", **config.BOOL, default=False,
-                   help="use a checkpoint whose SHA-256 differs from the one listed in the checksums.sha256 beside it")
-    g.add_argument("--bert_model", type=str, default=None,
-                   help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
+    g = retrieve.add_checkpoint_flags(p.add_argument_group("model"))
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = cuda if available")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default")

@@ -65,15 +65,20 @@ THUMB_RANGE = (16, 1024)  # --thumb, in pixels
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = config.OneLineParser(prog="retrieve.py", description=__doc__.split("\n\n")[0],
-                             formatter_class=config.DefaultsFormatter)
-    g = p.add_argument_group("model")
+def add_checkpoint_flags(g: argparse._ArgumentGroup) -> argparse._ArgumentGroup:
+    """--model_checkpoint, --ignore_checksum and --bert_model, as retrieve.py and demo.py take them; returns ``g``."""
     g.add_argument("--model_checkpoint", type=str, required=True, help="checkpoint (this project's or the original's)")
     g.add_argument("--ignore_checksum", **config.BOOL, default=False,
                    help="use a checkpoint whose SHA-256 differs from the one listed in the checksums.sha256 beside it")
     g.add_argument("--bert_model", type=str, default=None,
                    help="where the checkpoint's BERT is, if not at the name or folder it was trained with")
+    return g
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = config.OneLineParser(prog="retrieve.py", description=__doc__.split("\n\n")[0],
+                             formatter_class=config.DefaultsFormatter)
+    g = add_checkpoint_flags(p.add_argument_group("model"))
     g.add_argument("--dataset_path", type=str, default=None,
                    help="the checkpoint's training dataset; needed only for an original-code LSTM checkpoint, "
                         "which holds no vocabulary")
@@ -320,8 +325,8 @@ def search_gallery(args, model, image_size: int, identity: dict, files: list[tup
     """``(relative paths (G,), [(gallery position, score)] per query, (target rank, score) or None per query)``
     (``_rank_index``): the queries encoded, the index of the gallery ``files`` (``scan_gallery``) brought up to
     date (``gallery_index.update_index``; a throw-away one in a temporary folder without ``--index``), and
-    searched by ``--backend``. The unreadable files and the ``skipped``
-    entries are named in one warning; an index whose features turn out not to be finite is rebuilt once."""
+    searched by ``--backend``. The unreadable files and the ``skipped`` entries are named in one warning; an index
+    whose features turn out not to be finite is rebuilt once."""
     _, query_feats, _ = encode(model, image_size, [], queries, batch_size=args.batch_size, device=device,
                                num_workers=args.num_workers)  # (Q, D): the model's width, and the queries of a
     encoder = _GalleryEncoder(args, model, image_size, device, queries)  # call that encodes no image
@@ -577,15 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return run(args)
-    except UserInputError as exc:
+    except (UserInputError, WriteFailed, test_retrieval.NonFiniteFeaturesError) as exc:
         print(f"retrieve.py: error: {exc}", file=sys.stderr)
-        return 2
-    except WriteFailed as exc:  # a full disk, a write error: not the input's fault
-        print(f"retrieve.py: error: {exc}", file=sys.stderr)
-        return 1
-    except test_retrieval.NonFiniteFeaturesError as exc:
-        print(f"retrieve.py: error: {exc}", file=sys.stderr)  # a checkpoint with diverged weights: no ranking
-        return 1
+        return 2 if isinstance(exc, UserInputError) else 1  # a full disk or diverged weights: not the input's fault
     except KeyboardInterrupt:  # every output is written whole or not at all
         print("retrieve.py: interrupted; every output file is as it was or complete", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -60,8 +60,9 @@ def execution_flags(log_dir) -> list[str]:
     return ["--device", "cpu", "--loader_num_workers", "0", "--log_dir", str(log_dir)]
 
 
-def run_main_captured(argv: list[str]) -> tuple[int, str, str]:
-    """main.main(argv) on one thread -> (exit code, stdout, stderr)."""
+def run_main_captured(argv: list[str], threads: int | None = 1) -> tuple[int, str, str]:
+    """main.main(argv) -> (exit code, stdout, stderr), the log lines into stderr too; on ``threads`` torch threads
+    (restored after), or with None the thread count left as main sets it (the caller restores it)."""
     import contextlib
     import io
     import logging
@@ -70,7 +71,8 @@ def run_main_captured(argv: list[str]) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if threads is not None:
+        torch.set_num_threads(threads)
     root = logging.getLogger()
     handler = logging.StreamHandler(err)  # pytest holds the root logger: the log lines are captured here too
     level = root.level
@@ -82,7 +84,8 @@ def run_main_captured(argv: list[str]) -> tuple[int, str, str]:
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-        torch.set_num_threads(before)
+        if threads is not None:
+            torch.set_num_threads(before)
     return rc, out.getvalue(), err.getvalue()
 
 
@@ -151,7 +154,7 @@ def tirg_lstm_run(tmp_path_factory, tiny_mitstates) -> dict:
 
 @pytest.fixture(scope="session")
 def run_main_cli():
-    """``run_main_captured``: main.main(argv) -> (exit code, stdout, stderr)."""
+    """``run_main_captured``: main.main(argv, threads=1) -> (exit code, stdout, stderr)."""
     return run_main_captured
 
 
@@ -184,3 +187,106 @@ def triplets_tools():
     import types
 
     return types.SimpleNamespace(cli=triplets_cli, run=main_stdout, tiny=TRIPLETS_TINY)
+
+
+@pytest.fixture
+def one_thread():
+    """The test on one torch thread, the count restored after: tiny models gain little from a second thread, and
+    on a busy machine two spinning OpenMP threads cost several times the CPU time of one. A module takes it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# retrieve.py and demo.py against a gallery: the test split of the triplets data (triplets_data) in a folder
+def rows_of_test_split(data: str) -> list[dict]:
+    """The rows of ``data``'s triplets.csv whose split is test (36 on the tiny data, over 18 images)."""
+    import csv
+
+    with open(os.path.join(data, "triplets.csv"), newline="") as f:
+        return [r for r in csv.DictReader(f) if r["split"] == "test"]
+
+
+def copy_test_split(data: str, folder: str) -> str:
+    """The test split's images of the triplets data ``data`` copied into ``folder`` (made if missing), each under
+    its relative path (images/ADJ NOUN/NNN.jpg); returns ``folder``."""
+    import shutil
+
+    rows = rows_of_test_split(data)
+    for rel in sorted({r[c] for r in rows for c in ("source", "target")}):
+        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
+        shutil.copy2(os.path.join(data, rel), os.path.join(folder, rel))
+    return folder
+
+
+def retrieve_captured(*argv: str) -> tuple[int, str, str]:
+    """retrieve.main(argv) -> (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    import retrieve
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = retrieve.main(list(argv))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def edited_checkpoint(source: str, path: str, edit) -> str:
+    """A copy of the checkpoint ``source`` written to ``path`` (returned) after ``edit(state)``, which changes the
+    state dict in place or returns the dict to save instead."""
+    from checkpoint import read_checkpoint, save_checkpoint
+
+    state = read_checkpoint(source)
+    replaced = edit(state)
+    save_checkpoint(path, state if replaced is None else replaced)
+    return path
+
+
+def original_code_state(state: dict) -> dict:
+    """The original code's keys of a checkpoint's state only (it, opt, model_state_dict): no vocabulary, no args."""
+    return {"it": state["it"], "opt": state["opt"], "model_state_dict": state["model_state_dict"]}
+
+
+GALLERY_QUERY_IMAGE = "images/blue clock/000.jpg"  # a test-split image, the source of the gallery tests' query
+
+
+def query_flags(ckpt: str, gallery: str, top_k: int) -> list[str]:
+    """retrieve.py's flags for the query GALLERY_QUERY_IMAGE + "green" of ``gallery`` on the CPU."""
+    return ["--model_checkpoint", ckpt, "--gallery", gallery, "--device", "cpu",
+            "--image", os.path.join(gallery, GALLERY_QUERY_IMAGE), "--text", "green", "--top_k", str(top_k)]
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """A copy of ``argv`` whose ``flag`` (present in it) takes ``value``."""
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, triplets_data) -> str:
+    """The test split's 18 images in a folder of their own (``copy_test_split``), one copy per test module."""
+    return copy_test_split(triplets_data, str(tmp_path_factory.mktemp("gallery")))
+
+
+@pytest.fixture(scope="session")
+def run_retrieve():
+    """``retrieve_captured``: retrieve.main(argv) -> (exit code, stdout, stderr)."""
+    return retrieve_captured
+
+
+@pytest.fixture(scope="session")
+def gallery_tools():
+    """The gallery helpers above: ``test_rows(data)``, ``copy_test_split(data, folder)``, ``query_image``,
+    ``query_flags(ckpt, gallery, top_k)``, ``edited_checkpoint(source, path, edit)``, ``original_code_state(state)``
+    and ``with_flag(argv, flag, value)``."""
+    import types
+
+    return types.SimpleNamespace(test_rows=rows_of_test_split, copy_test_split=copy_test_split,
+                                 query_image=GALLERY_QUERY_IMAGE, query_flags=query_flags,
+                                 edited_checkpoint=edited_checkpoint, original_code_state=original_code_state,
+                                 with_flag=with_flag)

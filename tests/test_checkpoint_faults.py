@@ -24,36 +24,23 @@ import factory
 import main
 import runlog
 import sgd_step
-import synthetic
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # test_main's CLI helpers; appended,
 # so that the repository's test_retrieval module is not shadowed by tests/test_retrieval.py
-from test_main import cli, error_message, load, one_error_line, one_thread, only_run_folder, run_cli
+from test_main import cli, error_message, load, one_error_line, only_run_folder, run_cli
 
-TINY = dict(image_size=32, n_train_nouns=2, n_test_nouns=1, adjectives_per_noun=3, images_per_class=3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("faults_data") / "tiny")
-    synthetic.generate_synthetic(path, seed=0, **TINY)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tirg(data: str, log_dir, *extra: str) -> list[str]:
+    """Flags of a tiny TIRG run (test_main's ``cli``) on ``data``."""
     return cli(data, log_dir, "--model", "tirg", "--loss", "batch_based_classification", "--lstm_dim", "16", *extra)
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory, data) -> dict:
+def good(tmp_path_factory, tiny_mitstates) -> dict:
     """A 2-iteration run's latest checkpoint, loaded as a plain dict (every test tampers with a copy)."""
     log_dir = tmp_path_factory.mktemp("faults_run")
-    rc, _ = run_cli(tirg(data, log_dir, "--num_iters", "2"))
+    rc, _ = run_cli(tirg(tiny_mitstates, log_dir, "--num_iters", "2"))
     assert rc == 0
     path = os.path.join(only_run_folder(log_dir), "latest_checkpoint.pth")
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -117,14 +104,14 @@ def tampered(good: dict, folder, change) -> str:
 
 
 @pytest.mark.parametrize("name, change, words", TAMPERED, ids=[t[0] for t in TAMPERED])
-def test_resuming_a_tampered_checkpoint_gives_one_line(name, change, words, good, data, tmp_path, monkeypatch,
+def test_resuming_a_tampered_checkpoint_gives_one_line(name, change, words, good, tiny_mitstates, tmp_path, monkeypatch,
                                                        capsys):
     path = tampered(good, tmp_path / "run", change)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     started = []
     monkeypatch.setattr(sgd_step, "train_one_step", lambda *a, **kw: started.append(1))
-    rc = main.main(tirg(data, tmp_path / "unused", "--num_iters", "4", "--resume", path))
+    rc = main.main(tirg(tiny_mitstates, tmp_path / "unused", "--num_iters", "4", "--resume", path))
     line = one_error_line(capsys.readouterr().err)  # exactly one stderr line, no traceback
     assert rc == 2
     assert line.startswith(f"main.py: error: checkpoint {path}: "), line
@@ -136,10 +123,11 @@ def test_resuming_a_tampered_checkpoint_gives_one_line(name, change, words, good
 
 
 @pytest.mark.parametrize("name", ["vocab list", "vocab str ids", "vocab id gap", "it huge"])
-def test_evaluating_a_checkpoint_with_a_tampered_field_it_reads_gives_one_line(name, good, data, tmp_path, capsys):
+def test_evaluating_a_checkpoint_with_a_tampered_field_it_reads_gives_one_line(name, good, tiny_mitstates, tmp_path,
+                                                                               capsys):
     _, change, words = next(t for t in TAMPERED if t[0] == name)
     path = tampered(good, tmp_path / "run", change)
-    rc = main.main(tirg(data, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", path))
+    rc = main.main(tirg(tiny_mitstates, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", path))
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2
     assert line.startswith(f"main.py: error: checkpoint {path}: "), line
@@ -148,17 +136,17 @@ def test_evaluating_a_checkpoint_with_a_tampered_field_it_reads_gives_one_line(n
     assert not os.path.exists(tmp_path / "logs") or os.listdir(tmp_path / "logs") == []
 
 
-def test_evaluation_ignores_the_training_state_it_does_not_read(good, data, tmp_path, run_main):
+def test_evaluation_ignores_the_training_state_it_does_not_read(good, tiny_mitstates, tmp_path, run_main):
     """--test_only reads the weights, the vocabulary and the iteration: a tampered schedule does not stop it."""
     path = tampered(good, tmp_path / "run", lambda c: c["scheduler"].pop("last_epoch"))
-    rc, out = run_main(tirg(data, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", path))
+    rc, out = run_main(tirg(tiny_mitstates, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", path))
     assert rc == 0 and "test recall_top1_correct_composition" in out
 
 
-def test_restart_returns_the_state_train_continues_from(good, data, tmp_path):
+def test_restart_returns_the_state_train_continues_from(good, tiny_mitstates, tmp_path):
     """restart_from_checkpoint restores the optimizer, the schedule and the random state, and returns where the
     run stands; the weights are factory.build_experiment's to load."""
-    args = config.resolve_defaults(config.parse_args(tirg(data, tmp_path))[0])
+    args = config.resolve_defaults(config.parse_args(tirg(tiny_mitstates, tmp_path))[0])
     exp = factory.build_experiment(args, torch.device("cpu"), good, "x.pth")
     torch.manual_seed(123)  # the checkpoint's state replaces this one
     state = checkpoint.restart_from_checkpoint(good, "x.pth", model=exp.model, optimizer=exp.optimizer,
@@ -219,7 +207,7 @@ def test_torch_writer_failing_on_a_full_disk_is_named_as_one(tmpfs):
     assert sha256(path) == before and sorted(os.listdir(tmpfs)) == ["filler", "w.pth"]
 
 
-def test_a_disk_filling_while_a_checkpoint_is_written_keeps_the_last_one(data, tmpfs, monkeypatch, capsys):
+def test_a_disk_filling_while_a_checkpoint_is_written_keeps_the_last_one(tiny_mitstates, tmpfs, monkeypatch, capsys):
     real, before = runlog.save_checkpoint, {}
 
     def save(path, state, *a, **kw):
@@ -229,7 +217,7 @@ def test_a_disk_filling_while_a_checkpoint_is_written_keeps_the_last_one(data, t
         return real(path, state, *a, **kw)
 
     monkeypatch.setattr(runlog, "save_checkpoint", save)
-    rc = main.main(tirg(data, tmpfs / "logs", "--num_iters", "3", "--save_every", "1"))
+    rc = main.main(tirg(tiny_mitstates, tmpfs / "logs", "--num_iters", "3", "--save_every", "1"))
     line = error_message(capsys.readouterr().err)  # one error line among the progress bars, no traceback
     folder = only_run_folder(tmpfs / "logs")
     latest = os.path.join(folder, "latest_checkpoint.pth")
@@ -240,11 +228,11 @@ def test_a_disk_filling_while_a_checkpoint_is_written_keeps_the_last_one(data, t
     assert not glob.glob(os.path.join(folder, "*.tmp*")) and not os.path.exists(os.path.join(folder, "run.lock"))
 
 
-def test_a_disk_full_at_the_start_leaves_no_run_folder(data, tmpfs, capsys):
+def test_a_disk_full_at_the_start_leaves_no_run_folder(tiny_mitstates, tmpfs, capsys):
     logs = tmpfs / "logs"
     logs.mkdir()
     fill(tmpfs)
-    rc = main.main(tirg(data, logs, "--num_iters", "2"))
+    rc = main.main(tirg(tiny_mitstates, logs, "--num_iters", "2"))
     line = one_error_line(capsys.readouterr().err)
     assert rc == 1
     assert re.fullmatch(rf"main\.py: error: cannot write {re.escape(str(logs))}/[^/]+/run\.lock: no space left on "
@@ -252,12 +240,12 @@ def test_a_disk_full_at_the_start_leaves_no_run_folder(data, tmpfs, capsys):
     assert os.listdir(logs) == []
 
 
-def test_a_resumed_run_on_a_full_disk_keeps_its_folder(good, data, tmpfs, capsys):
+def test_a_resumed_run_on_a_full_disk_keeps_its_folder(good, tiny_mitstates, tmpfs, capsys):
     folder = tmpfs / "run"
     path = tampered(good, folder, lambda c: None)
     digest = sha256(path)
     fill(tmpfs)
-    rc = main.main(tirg(data, tmpfs / "unused", "--num_iters", "4", "--resume", path))
+    rc = main.main(tirg(tiny_mitstates, tmpfs / "unused", "--num_iters", "4", "--resume", path))
     line = one_error_line(capsys.readouterr().err)
     assert rc == 1
     assert line == (f"main.py: error: cannot write {folder / 'run.lock'}: no space left on device; free space; the "

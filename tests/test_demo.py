@@ -4,7 +4,6 @@ requests get their own results, and bad flags are one line, exit 2."""
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import os
@@ -21,28 +20,12 @@ flask = pytest.importorskip("flask", reason="the demo's extra is not installed (
 
 import demo  # noqa: E402  (needs flask)
 import retrieve  # noqa: E402
-from checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 
 QUERY = "images/blue clock/000.jpg"
 SCRIPT_NAME = "<script>alert(1)</script>.png"  # a folder '<script>alert(1)<' holding 'script>.png'
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def copy_test_split(data: str, folder: str) -> str:
-    """The test split's images of the triplets data copied into ``folder`` (as tests/test_retrieve.py does)."""
-    with open(os.path.join(data, "triplets.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    for rel in sorted({r[c] for r in rows for c in ("source", "target")}):
-        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(os.path.join(data, rel), os.path.join(folder, rel))
-    return folder
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def state_for(ckpt: str, gallery: str, *extra: str) -> demo.DemoState:
@@ -60,20 +43,15 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data) -> str:
-    return copy_test_split(triplets_data, str(tmp_path_factory.mktemp("demo_gallery")))
-
-
-@pytest.fixture(scope="module")
 def client(triplets_run, gallery):
     return demo.create_app(state_for(triplets_run["ckpt"], gallery)).test_client()
 
 
 @pytest.fixture(scope="module")
-def hostile(tmp_path_factory, triplets_run, triplets_data) -> dict:
+def hostile(tmp_path_factory, triplets_run, triplets_data, gallery_tools) -> dict:
     """A gallery with a file named like a script tag and a link to an image outside it."""
     base = tmp_path_factory.mktemp("hostile")
-    folder = copy_test_split(triplets_data, str(base / "g"))
+    folder = gallery_tools.copy_test_split(triplets_data, str(base / "g"))
     os.makedirs(os.path.join(folder, "<script>alert(1)<"))
     shutil.copy(os.path.join(folder, QUERY), os.path.join(folder, SCRIPT_NAME))
     shutil.copy(os.path.join(folder, QUERY), str(base / "outside.png"))
@@ -307,10 +285,9 @@ def test_errors_are_one_line_exit_2(triplets_run, gallery, tmp_path):
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("demo.py: error: ") and words in lines[0], err
 
 
-def test_original_code_lstm_checkpoint_is_one_line_exit_2(triplets_run, gallery, tmp_path):
-    state = read_checkpoint(triplets_run["ckpt"])
-    path = str(tmp_path / "original.pth")
-    save_checkpoint(path, {"it": state["it"], "opt": state["opt"], "model_state_dict": state["model_state_dict"]})
+def test_original_code_lstm_checkpoint_is_one_line_exit_2(triplets_run, gallery, tmp_path, gallery_tools):
+    path = gallery_tools.edited_checkpoint(triplets_run["ckpt"], str(tmp_path / "original.pth"),
+                                           gallery_tools.original_code_state)
     rc, err = call("--model_checkpoint", path, "--gallery", gallery, "--device", "cpu", "--port", str(free_port()))
     lines = err.strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("demo.py: error: ") and "without a vocabulary" in err

@@ -5,7 +5,6 @@ uploading a source and a phone-width window are driven too. Skips with one line 
 ``DEMO_SCREENSHOT=PATH`` saves a picture of the page with its results grid there (docs/demo.png is one)."""
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import socket
@@ -39,14 +38,9 @@ def find_browser() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, triplets_run, triplets_data):
+def server(tmp_path_factory, triplets_run, triplets_data, gallery_tools):
     """demo.py's application on 127.0.0.1 and a free port, in a thread: ``(base url, state)``."""
-    folder = str(tmp_path_factory.mktemp("browser_gallery"))
-    with open(os.path.join(triplets_data, "triplets.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    for rel in sorted({r[c] for r in rows for c in ("source", "target")}):
-        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(os.path.join(triplets_data, rel), os.path.join(folder, rel))
+    folder = gallery_tools.copy_test_split(triplets_data, str(tmp_path_factory.mktemp("browser_gallery")))
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     with socket.socket() as probe:  # build_state checks that --port can be listened on: give it a free one

@@ -23,14 +23,7 @@ import test_retrieval
 from feature_store import FeatureFile, FeatureWriter, IndexDamaged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tricky_gallery(n: int = 3000, dim: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,6 @@ default --log_dir, the resume warning as the last line, and TensorBoard's HParam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import errno
 import glob
@@ -46,28 +45,8 @@ def tiny_flags(data: str, *extra: str) -> list[str]:
             "--seed", "3", *extra]
 
 
-def capture(argv: list[str]) -> tuple[int, str, str]:
-    """main.main(argv) with stdout and stderr into strings (not terminals), the log lines into stderr too; the
-    thread count is left as main sets it (the caller restores it)."""
-    import main
-
-    out, err = io.StringIO(), io.StringIO()
-    root = logging.getLogger()
-    handler = logging.StreamHandler(err)
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main.main(argv)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    return rc, out.getvalue(), err.getvalue()
-
-
 @pytest.fixture(scope="module")
-def default_log_dir_run(tmp_path_factory, tiny_mitstates) -> dict:
+def default_log_dir_run(tmp_path_factory, tiny_mitstates, run_main_cli) -> dict:
     """17 iterations (epochs of 4 steps) with --eval_every 0 and --threads 1, no --log_dir, run in an empty
     folder; torch starts with 2 threads."""
     cwd, before = os.getcwd(), torch.get_num_threads()
@@ -75,8 +54,8 @@ def default_log_dir_run(tmp_path_factory, tiny_mitstates) -> dict:
     torch.set_num_threads(2)
     try:
         os.chdir(where)
-        rc, out, err = capture(tiny_flags(tiny_mitstates, "--num_iters", "17", "--eval_every", "0", "--log_every",
-                                          "4", "--threads", "1"))
+        rc, out, err = run_main_cli(tiny_flags(tiny_mitstates, "--num_iters", "17", "--eval_every", "0",
+                                               "--log_every", "4", "--threads", "1"), threads=None)
         threads = torch.get_num_threads()
     finally:
         os.chdir(cwd)

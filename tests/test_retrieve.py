@@ -2,9 +2,7 @@
 errors."""
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import re
@@ -17,43 +15,18 @@ from PIL import Image
 
 import retrieve
 import visualize
-from checkpoint import read_checkpoint, save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def call(*argv: str) -> tuple[int, str, str]:
-    """retrieve.main(argv) -> (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = retrieve.main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
-
-
-def split_rows(data: str) -> list[dict]:
-    with open(os.path.join(data, "triplets.csv"), newline="") as f:
-        return [r for r in csv.DictReader(f) if r["split"] == "test"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data) -> str:
-    """The test split's images copied into a folder of their own, with queries.csv = every test row."""
-    folder = str(tmp_path_factory.mktemp("gallery"))
-    rows = split_rows(triplets_data)
-    for rel in sorted({r[c] for r in rows for c in ("source", "target")}):
-        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(os.path.join(triplets_data, rel), os.path.join(folder, rel))
-    with open(os.path.join(folder, "queries.csv"), "w", newline="") as f:
+def gallery(gallery, triplets_data, gallery_tools) -> str:
+    """conftest's gallery (the test split's images in a folder of their own) with queries.csv = every test row."""
+    with open(os.path.join(gallery, "queries.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "text", "target"])
-        w.writerows([r["source"], r["text"], r["target"]] for r in rows)
-    return folder
+        w.writerows([r["source"], r["text"], r["target"]] for r in gallery_tools.test_rows(triplets_data))
+    return gallery
 
 
 def printed(stdout: str, name: str) -> float:
@@ -61,11 +34,11 @@ def printed(stdout: str, name: str) -> float:
     return float(value)
 
 
-def test_every_test_query_ranks_as_the_evaluation(triplets_run, gallery, tmp_path):
+def test_every_test_query_ranks_as_the_evaluation(triplets_run, gallery, tmp_path, run_retrieve):
     out = str(tmp_path / "results.jsonl")
-    rc, stdout, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
-                           "--queries", os.path.join(gallery, "queries.csv"), "--top_k", "10", "--json", out,
-                           "--batch_size", "4")
+    rc, stdout, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
+                                   "--queries", os.path.join(gallery, "queries.csv"), "--top_k", "10", "--json", out,
+                                   "--batch_size", "4")
     assert rc == 0, err
     with open(out) as f:
         results = [json.loads(line) for line in f]
@@ -99,15 +72,14 @@ def read_index(path: str) -> dict:
             "features": torch.from_numpy(raw.reshape(index["rows"], index["dim"]).astype(np.float32))}
 
 
-def perturbed_copy(ckpt: str, path: str) -> str:
-    state = read_checkpoint(ckpt)
+def perturbed(state: dict) -> None:
+    """The checkpoint's first floating-point weight tensor plus 0.5."""
     key = next(k for k, v in state["model_state_dict"].items() if v.is_floating_point())
     state["model_state_dict"][key] = state["model_state_dict"][key] + 0.5
-    save_checkpoint(path, state)
-    return path
 
 
-def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run, gallery, tmp_path, monkeypatch):
+def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run, gallery, tmp_path, monkeypatch,
+                                                                    run_retrieve, gallery_tools):
     folder = str(tmp_path / "g")
     shutil.copytree(gallery, folder)
     index = str(tmp_path / "index.pt")
@@ -122,8 +94,8 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     query = ["--image", os.path.join(gallery, "images/blue clock/000.jpg"), "--text", "green", "--top_k", "18"]
 
     def ask(ckpt=triplets_run["ckpt"], *extra):
-        rc, out, err = call("--model_checkpoint", ckpt, "--gallery", folder, "--device", "cpu", "--index", index,
-                            *query, "--json", str(tmp_path / "r.jsonl"), *extra)
+        rc, out, err = run_retrieve("--model_checkpoint", ckpt, "--gallery", folder, "--device", "cpu", "--index",
+                                    index, *query, "--json", str(tmp_path / "r.jsonl"), *extra)
         assert rc == 0, err
         with open(tmp_path / "r.jsonl") as f:
             return json.load(f)["results"], err
@@ -156,7 +128,7 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     assert torch.allclose(new["features"], saved["features"], atol=1e-5)
 
     # another checkpoint: a one-line notice, then everything is encoded again
-    other = perturbed_copy(triplets_run["ckpt"], str(tmp_path / "other.pth"))
+    other = gallery_tools.edited_checkpoint(triplets_run["ckpt"], str(tmp_path / "other.pth"), perturbed)
     _, err = ask(other)
     assert len(encoded[-1]) == 18
     notice = [line for line in err.splitlines() if line.strip()]
@@ -164,22 +136,21 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     assert read_index(index)["identity"]["checkpoint_sha256"] == retrieve.file_sha256(other)
 
 
-def test_original_code_lstm_checkpoint_needs_its_training_texts(triplets_run, triplets_data, gallery, tmp_path):
-    state = read_checkpoint(triplets_run["ckpt"])
-    original = {"it": state["it"], "opt": state["opt"], "model_state_dict": state["model_state_dict"]}
-    path = str(tmp_path / "original.pth")
-    save_checkpoint(path, original)  # the original code's keys only: no vocabulary, no args dict
+def test_original_code_lstm_checkpoint_needs_its_training_texts(triplets_run, triplets_data, gallery, tmp_path,
+                                                                 run_retrieve, gallery_tools):
+    path = gallery_tools.edited_checkpoint(triplets_run["ckpt"], str(tmp_path / "original.pth"),
+                                           gallery_tools.original_code_state)  # no vocabulary, no args dict
     query = ["--gallery", gallery, "--device", "cpu", "--image", os.path.join(gallery, "images/blue clock/000.jpg"),
              "--text", "green", "--top_k", "5"]
-    rc, out, err = call("--model_checkpoint", path, *query)
+    rc, out, err = run_retrieve("--model_checkpoint", path, *query)
     assert rc == 2 and err.startswith("retrieve.py: error: ") and "without a vocabulary" in err
-    rc, rebuilt, err = call("--model_checkpoint", path, "--dataset_path", triplets_data, *query)
+    rc, rebuilt, err = run_retrieve("--model_checkpoint", path, "--dataset_path", triplets_data, *query)
     assert rc == 0, err
-    rc, ours, _ = call("--model_checkpoint", triplets_run["ckpt"], *query)
+    rc, ours, _ = run_retrieve("--model_checkpoint", triplets_run["ckpt"], *query)
     assert rebuilt == ours  # the vocabulary rebuilt from the training texts is the saved one
 
 
-def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_path):
+def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_path, run_retrieve):
     folder = str(tmp_path / "g")
     shutil.copytree(gallery, folder)
     with open(os.path.join(folder, "images/broken.JPG"), "wb") as f:
@@ -190,9 +161,9 @@ def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_
     png, index = str(tmp_path / "grid.png"), str(tmp_path / "index.pt")
     image = os.path.join(folder, "images/blue clock/000.jpg")
     for repeat in range(2):
-        rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
-                            "--image", image, "--text", "green", "--top_k", "5", "--out", png, "--thumb", "32",
-                            "--json", str(tmp_path / "r.jsonl"), "--index", index)
+        rc, out, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
+                                    "--image", image, "--text", "green", "--top_k", "5", "--out", png, "--thumb", "32",
+                                    "--json", str(tmp_path / "r.jsonl"), "--index", index)
         assert rc == 0, err
         warning = [line for line in err.splitlines() if line.strip()]
         assert warning == ["retrieve.py: warning: skipped 1 unreadable gallery file: images/broken.JPG"]
@@ -208,22 +179,22 @@ def test_one_query_picture_json_and_unreadable_files(triplets_run, gallery, tmp_
     picture = Image.open(png)
     assert picture.format == "PNG" and picture.size == visualize.picture_size(1, 5, 32)
     # the extra .WebP image is in the gallery: asking with it finds it excluded from its own results
-    rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
-                        "--image", os.path.join(folder, "images/extra.WebP"), "--text", "red", "--top_k", "100")
+    rc, out, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", folder, "--device", "cpu",
+                                "--image", os.path.join(folder, "images/extra.WebP"), "--text", "red", "--top_k", "100")
     assert rc == 0
     listed = [line.split()[2:] for line in out.splitlines()[2:]]
     assert len(listed) == 18 and ["images/extra.WebP"] not in listed  # 20 files, 1 unreadable, 1 the query
 
 
-def test_out_dir_pictures_and_index_html(triplets_run, gallery, tmp_path):
+def test_out_dir_pictures_and_index_html(triplets_run, gallery, tmp_path, run_retrieve):
     queries = tmp_path / "q" / "three.csv"
     queries.parent.mkdir()
     rel = os.path.relpath(gallery, queries.parent)
     queries.write_text("image,text,target\n" + "".join(
         f"{rel}/images/blue clock/00{i}.jpg,green,{rel}/images/green clock/00{i}.jpg\n" for i in range(3)))
     out_dir = tmp_path / "pictures"
-    rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
-                        "--queries", str(queries), "--top_k", "17", "--out_dir", str(out_dir), "--thumb", "16")
+    rc, out, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
+                                "--queries", str(queries), "--top_k", "17", "--out_dir", str(out_dir), "--thumb", "16")
     assert rc == 0, err
     names = sorted(os.listdir(out_dir))
     assert names == ["index.html", "query_0001.png", "query_0002.png", "query_0003.png"]
@@ -241,7 +212,7 @@ def test_out_dir_pictures_and_index_html(triplets_run, gallery, tmp_path):
 @pytest.mark.parametrize("case", ["no_checkpoint", "no_gallery", "empty_gallery", "no_image", "empty_text",
                                   "csv_missing_image", "csv_empty_text", "csv_no_column", "both_forms",
                                   "out_with_queries", "bad_top_k"])
-def test_errors_one_line_exit_2(triplets_run, gallery, tmp_path, case):
+def test_errors_one_line_exit_2(triplets_run, gallery, tmp_path, case, run_retrieve):
     ckpt, image = triplets_run["ckpt"], os.path.join(gallery, "images/blue clock/000.jpg")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
@@ -266,7 +237,7 @@ def test_errors_one_line_exit_2(triplets_run, gallery, tmp_path, case):
     bad_csv.write_text({"csv_missing_image": f"image,text\n{image},t\nmissing.jpg,t\n",
                         "csv_empty_text": f"image,text\n{image},\n",
                         "csv_no_column": "image\nx.jpg\n"}.get(case, "image,text\n"))
-    rc, out, err = call(*argv)
+    rc, out, err = run_retrieve(*argv)
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("retrieve.py: error: ") and expect in lines[0], lines[0]

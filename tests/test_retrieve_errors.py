@@ -3,9 +3,7 @@ never opens a FIFO, every output path is checked before the model is loaded, and
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
-import io
 import json
 import os
 import shutil
@@ -19,23 +17,8 @@ import torch
 import factory
 import gallery_index
 import retrieve
-from checkpoint import read_checkpoint, save_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def call(*argv: str) -> tuple[int, str, str]:
-    """retrieve.main(argv) -> (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = retrieve.main(list(argv))
-    return rc, out.getvalue(), err.getvalue()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lines_of(err: str) -> list[str]:
@@ -50,22 +33,9 @@ def one_error(rc: int, err: str, code: int = 2) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def gallery(tmp_path_factory, triplets_data) -> str:
-    """The test split's 18 images in a folder of their own."""
-    folder = str(tmp_path_factory.mktemp("gallery"))
-    with open(os.path.join(triplets_data, "triplets.csv"), newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "test"]
-    for rel in sorted({r[c] for r in rows for c in ("source", "target")}):
-        os.makedirs(os.path.join(folder, os.path.dirname(rel)), exist_ok=True)
-        shutil.copy2(os.path.join(triplets_data, rel), os.path.join(folder, rel))
-    return folder
-
-
 @pytest.fixture
-def query(triplets_run, gallery) -> list[str]:
-    return ["--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
-            "--image", os.path.join(gallery, "images/blue clock/000.jpg"), "--text", "green", "--top_k", "5"]
+def query(triplets_run, gallery, gallery_tools) -> list[str]:
+    return gallery_tools.query_flags(triplets_run["ckpt"], gallery, 5)
 
 
 @pytest.fixture
@@ -88,7 +58,7 @@ def results(path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["checkpoint_copy", "text", "torn_index", "empty"])
 def test_index_that_is_not_an_index_is_refused_and_left_byte_identical(query, triplets_run, tmp_path, kind,
-                                                                       no_model):
+                                                                       no_model, run_retrieve):
     target = tmp_path / "index.pt"
     if kind == "checkpoint_copy":
         shutil.copy(triplets_run["ckpt"], target)
@@ -100,38 +70,38 @@ def test_index_that_is_not_an_index_is_refused_and_left_byte_identical(query, tr
         retrieve.save_index(str(target), {"model": "tirg"}, [("a.jpg", 1, 2)], torch.ones(1, 4))
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
     before = target.read_bytes()
-    rc, out, err = call(*query, "--index", str(target))
+    rc, out, err = run_retrieve(*query, "--index", str(target))
     line = one_error(rc, err)
     assert f"--index {target} is not a gallery index of retrieve.py" in line and "not replaced" in line
     assert target.read_bytes() == before and out == ""
 
 
-def test_index_naming_the_checkpoint_is_refused(query, triplets_run, tmp_path, no_model):
+def test_index_naming_the_checkpoint_is_refused(query, triplets_run, tmp_path, no_model, run_retrieve):
     ckpt = triplets_run["ckpt"]
     before = open(ckpt, "rb").read()
     link = tmp_path / "link.pth"
     link.symlink_to(ckpt)
     for index in (ckpt, str(link)):
-        rc, _, err = call(*query, "--index", index)
+        rc, _, err = run_retrieve(*query, "--index", index)
         assert "is also --model_checkpoint" in one_error(rc, err)
     assert open(ckpt, "rb").read() == before
 
 
-def test_outputs_that_are_inputs_or_each_other_are_refused(query, triplets_run, tmp_path, no_model):
+def test_outputs_that_are_inputs_or_each_other_are_refused(query, triplets_run, tmp_path, no_model, run_retrieve):
     ckpt = triplets_run["ckpt"]
     before = open(ckpt, "rb").read()
     for argv, expect in ((["--json", ckpt], "--json"), (["--out", str(tmp_path / "a.png"), "--index",
                                                          str(tmp_path / "a.png")], "--index")):
-        rc, _, err = call(*query, *argv)
+        rc, _, err = run_retrieve(*query, *argv)
         line = one_error(rc, err)
         assert line.startswith(f"retrieve.py: error: {expect} ") and " is also --" in line, line
     assert open(ckpt, "rb").read() == before and not os.path.exists(tmp_path / "a.png")
 
 
-def test_index_of_another_version_is_replaced(query, tmp_path):
+def test_index_of_another_version_is_replaced(query, tmp_path, run_retrieve):
     index = str(tmp_path / "index.pt")
     torch.save({"format": "composeae-retrieve-index/0", "paths": ["x.jpg"]}, index)
-    rc, _, err = call(*query, "--index", index)
+    rc, _, err = run_retrieve(*query, "--index", index)
     assert rc == 0 and lines_of(err) == [f"retrieve.py: {index} is a gallery index of another version of "
                                          f"retrieve.py (composeae-retrieve-index/0); rebuilding it"], err
     saved = read_manifest(index)
@@ -173,13 +143,13 @@ def _damage(path: str, how: str) -> str:
 
 
 @pytest.mark.parametrize("how", ["fewer_rows", "other_width", "files_list", "nan", "sizes_dtype"])
-def test_damaged_index_contents_are_rebuilt_with_a_notice(query, tmp_path, how):
+def test_damaged_index_contents_are_rebuilt_with_a_notice(query, tmp_path, how, run_retrieve):
     index, out = str(tmp_path / "index.pt"), str(tmp_path / "r.jsonl")
-    rc, _, err = call(*query, "--index", index, "--json", out)
+    rc, _, err = run_retrieve(*query, "--index", index, "--json", out)
     assert rc == 0, err
     expected = results(out)
     words = _damage(index, how)
-    rc, _, err = call(*query, "--index", index, "--json", out)
+    rc, _, err = run_retrieve(*query, "--index", index, "--json", out)
     assert rc == 0, err
     (notice,) = lines_of(err)
     assert notice.startswith(f"retrieve.py: {index} is damaged (") and words in notice, notice
@@ -188,7 +158,7 @@ def test_damaged_index_contents_are_rebuilt_with_a_notice(query, tmp_path, how):
     assert [r["path"] for r in got[0]["results"]] == [r["path"] for r in expected[0]["results"]]
     assert [r["score"] for r in got[0]["results"]] == pytest.approx([r["score"] for r in expected[0]["results"]],
                                                                     abs=1e-5)
-    rc, _, err = call(*query, "--index", index, "--json", out)  # the rewritten index is sound again
+    rc, _, err = run_retrieve(*query, "--index", index, "--json", out)  # the rewritten index is sound again
     assert rc == 0 and err == "", err
 
 
@@ -211,7 +181,8 @@ def alarm(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def test_fifo_socket_dangling_link_and_folder_named_like_images_are_skipped(triplets_run, gallery, tmp_path):
+def test_fifo_socket_dangling_link_and_folder_named_like_images_are_skipped(triplets_run, gallery, tmp_path,
+                                                                            run_retrieve):
     folder = tmp_path / "g"
     shutil.copytree(gallery, folder)
     os.mkfifo(folder / "pipe.jpg")
@@ -227,9 +198,9 @@ def test_fifo_socket_dangling_link_and_folder_named_like_images_are_skipped(trip
         skipped.append("s.png")
     try:
         with alarm(120):
-            rc, out, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", str(folder), "--device",
-                                "cpu", "--image", str(folder / "images/blue clock/000.jpg"), "--text", "green",
-                                "--top_k", "100", "--index", str(tmp_path / "index.pt"))
+            rc, out, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", str(folder),
+                                        "--device", "cpu", "--image", str(folder / "images/blue clock/000.jpg"),
+                                        "--text", "green", "--top_k", "100", "--index", str(tmp_path / "index.pt"))
     finally:
         if sock is not None:
             sock.close()
@@ -241,12 +212,11 @@ def test_fifo_socket_dangling_link_and_folder_named_like_images_are_skipped(trip
     assert len(listed) == 19  # 18 copied + inner + link, less the query itself
 
 
-def test_fifo_as_the_query_image_is_refused(query, tmp_path, no_model):
+def test_fifo_as_the_query_image_is_refused(query, tmp_path, no_model, run_retrieve, gallery_tools):
     os.mkfifo(tmp_path / "q.jpg")
-    argv = list(query)
-    argv[argv.index("--image") + 1] = str(tmp_path / "q.jpg")
+    argv = gallery_tools.with_flag(query, "--image", str(tmp_path / "q.jpg"))
     with alarm(60):
-        rc, _, err = call(*argv)
+        rc, _, err = run_retrieve(*argv)
     assert "q.jpg is not a regular file" in one_error(rc, err)
 
 
@@ -258,9 +228,9 @@ FILE_FLAGS = {"--json": "r.jsonl", "--out": "grid.png", "--index": "index.pt"}
 
 
 @pytest.mark.parametrize("flag", ["--json", "--out", "--index", "--out_dir"])
-def test_output_in_a_missing_folder_is_made(query, tmp_path, flag):
+def test_output_in_a_missing_folder_is_made(query, tmp_path, flag, run_retrieve):
     path = tmp_path / "new" / "deeper" / FILE_FLAGS.get(flag, "pictures")
-    rc, _, err = call(*query, flag, str(path))
+    rc, _, err = run_retrieve(*query, flag, str(path))
     assert rc == 0, err
     if flag == "--out_dir":
         assert sorted(os.listdir(path)) == ["index.html", "query_0001.png"]
@@ -270,7 +240,8 @@ def test_output_in_a_missing_folder_is_made(query, tmp_path, flag):
 
 @pytest.mark.parametrize("flag", ["--json", "--out", "--index", "--out_dir"])
 @pytest.mark.parametrize("case", ["is_folder", "below_a_file", "not_writable"])
-def test_bad_output_path_is_refused_before_the_model_is_built(query, tmp_path, flag, case, no_model, monkeypatch):
+def test_bad_output_path_is_refused_before_the_model_is_built(query, tmp_path, flag, case, no_model, monkeypatch,
+                                                              run_retrieve):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "a_folder.png").mkdir()
     if case == "is_folder":
@@ -286,26 +257,26 @@ def test_bad_output_path_is_refused_before_the_model_is_built(query, tmp_path, f
         monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.basename(p) == "locked"
                             else real_access(p, mode, **kw))  # as root, every folder is writable
         expect = f"the folder {tmp_path / 'locked'} is not writable"
-    rc, out, err = call(*query, flag, str(path))
+    rc, out, err = run_retrieve(*query, flag, str(path))
     line = one_error(rc, err)
     assert line.startswith(f"retrieve.py: error: {flag} {path}") and expect in line, line
     assert out == "" and sorted(os.listdir(tmp_path)) == sorted(["a_file", "a_folder.png"] + (
         ["locked"] if case == "not_writable" else []))
 
 
-def test_folder_in_out_dir_where_a_picture_goes_is_refused(query, tmp_path, no_model):
+def test_folder_in_out_dir_where_a_picture_goes_is_refused(query, tmp_path, no_model, run_retrieve):
     (tmp_path / "pictures" / "query_0001.png").mkdir(parents=True)
-    rc, _, err = call(*query, "--out_dir", str(tmp_path / "pictures"))
+    rc, _, err = run_retrieve(*query, "--out_dir", str(tmp_path / "pictures"))
     assert "holds a folder query_0001.png" in one_error(rc, err)
 
 
-def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(query, tmp_path, monkeypatch):
+def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(query, tmp_path, monkeypatch, run_retrieve):
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(os, "fsync", full)
     out_file = tmp_path / "out" / "r.jsonl"
-    rc, _, err = call(*query, "--json", str(out_file))
+    rc, _, err = run_retrieve(*query, "--json", str(out_file))
     line = one_error(rc, err, code=1)
     assert f"cannot write {out_file}: no space left on device; the earlier file" in line
     assert os.listdir(tmp_path / "out") == []
@@ -316,20 +287,21 @@ def test_a_full_disk_is_one_line_exit_1_and_leaves_no_temp_file(query, tmp_path,
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bom", [False, True])
-def test_queries_csv_that_is_not_utf8_names_the_byte_and_its_offset(query, gallery, tmp_path, bom, no_model):
+def test_queries_csv_that_is_not_utf8_names_the_byte_and_its_offset(query, gallery, tmp_path, bom, no_model,
+                                                                    run_retrieve):
     image = os.path.join(gallery, "images/blue clock/000.jpg")
     head = (b"\xef\xbb\xbf" if bom else b"") + b"image,text\n" + f"{image},green\n".encode() * 400
     path = tmp_path / "q.csv"
     path.write_bytes(head + b"\xff,red\n")  # past the first 8 KiB that a text stream decodes at once
     base = query[:query.index("--image")]
-    rc, _, err = call(*base, "--queries", str(path))
+    rc, _, err = run_retrieve(*base, "--queries", str(path))
     line = one_error(rc, err)
     assert line == f"retrieve.py: error: {path}: not UTF-8 text (byte 0xff at offset {len(head)}); convert it to UTF-8"
 
 
 @pytest.mark.parametrize("thumb", ["100000", "15", "1025"])
-def test_thumb_outside_its_range_is_refused(query, thumb, no_model):
-    rc, _, err = call(*query, "--thumb", thumb)
+def test_thumb_outside_its_range_is_refused(query, thumb, no_model, run_retrieve):
+    rc, _, err = run_retrieve(*query, "--thumb", thumb)
     assert f"--thumb must be 16..1024 pixels, got {thumb}" in one_error(rc, err)
 
 
@@ -341,16 +313,15 @@ def test_thumb_range_is_in_the_help(capsys):
 @pytest.mark.parametrize("field, value", [("image_size", 200000), ("image_size", 0), ("lstm_dim", "16"),
                                           ("image_embed_dim", 1.5), ("vocab", ["red"]), ("vocab", {"red": 99})])
 def test_checkpoint_with_unsound_settings_is_refused_before_the_model_is_built(query, triplets_run, tmp_path, field,
-                                                                              value, no_model):
-    state = read_checkpoint(triplets_run["ckpt"])
-    if field == "vocab":
-        state["vocab"] = value
-    else:
-        state["args"][field] = value
-    path = str(tmp_path / "bad.pth")
-    save_checkpoint(path, state)
-    argv = list(query)
-    argv[argv.index("--model_checkpoint") + 1] = path
-    rc, _, err = call(*argv)
+                                                                              value, no_model, run_retrieve,
+                                                                              gallery_tools):
+    def unsound(state: dict) -> None:
+        if field == "vocab":
+            state["vocab"] = value
+        else:
+            state["args"][field] = value
+
+    path = gallery_tools.edited_checkpoint(triplets_run["ckpt"], str(tmp_path / "bad.pth"), unsound)
+    rc, _, err = run_retrieve(*gallery_tools.with_flag(query, "--model_checkpoint", path))
     line = one_error(rc, err)
     assert line.startswith(f"retrieve.py: error: checkpoint {path}: '{field}' ") and "main.py" in line, line

@@ -1,5 +1,5 @@
-"""retrieve.py: a target outside the top k is ranked over the whole gallery (``ann.rank_of``), printed, put in the
-JSON and written under the query's picture; index.html's legend, CSS and escaped names."""
+"""retrieve.py: a target outside the top k is ranked over the whole gallery (``ann.target_ranks``), printed, put in
+the JSON and written under the query's picture; index.html's legend, CSS and escaped names."""
 from __future__ import annotations
 
 import csv
@@ -19,11 +19,13 @@ from feature_store import FeatureFile, FeatureWriter
 
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # test_retrieve's helpers; appended, so that
 # the repository's test_retrieval module is not shadowed by tests/test_retrieval.py
-from test_retrieve import _one_thread, call, gallery  # noqa: F401  (fixtures and the CLI helper)
+from test_retrieve import gallery  # noqa: F401  (its gallery fixture, with queries.csv)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("max_sim", [ann.MAX_SIM_ELEMS, 64 * 5])
-def test_rank_of_is_the_position_in_the_full_exact_ranking(tmp_path, monkeypatch, max_sim):
+def test_target_rank_is_the_position_in_the_full_exact_ranking(tmp_path, monkeypatch, max_sim):
     monkeypatch.setattr(ann, "MAX_SIM_ELEMS", max_sim)  # 64 * 5: query blocks of 5, one chunk of columns
     g = torch.Generator().manual_seed(0)
     rows = torch.randn(150, 8, generator=g)
@@ -39,8 +41,7 @@ def test_rank_of_is_the_position_in_the_full_exact_ranking(tmp_path, monkeypatch
     with FeatureFile(path, 150, 8, "float32", chunk_bytes=8 * 4 * 64) as features:  # 3 chunks of 64 rows
         scores, positions = ann.exact_top_k(features, queries, 150, exclude)
         found = ann.target_ranks(features, queries, targets, exclude)
-        ranks = ann.rank_of(features, queries, targets, exclude)
-    assert ranks == [r for r, _ in found]
+    ranks = [r for r, _ in found]
     for q in range(12):
         t, e = int(targets[q]), int(exclude[q])
         if t < 0 or t == e:
@@ -61,7 +62,8 @@ def _queries_csv(folder: str, rows: list[list[str]]) -> str:
     return path
 
 
-def test_missed_target_rank_line_json_picture_and_index_html(triplets_run, gallery, tmp_path):  # noqa: F811
+def test_missed_target_rank_line_json_picture_and_index_html(triplets_run, gallery, tmp_path,  # noqa: F811
+                                                             run_retrieve):
     with open(os.path.join(gallery, "queries.csv"), newline="") as f:
         rows = [[os.path.join(gallery, r["image"]), r["text"], os.path.join(gallery, r["target"])]
                 for r in csv.DictReader(f)]
@@ -71,10 +73,10 @@ def test_missed_target_rank_line_json_picture_and_index_html(triplets_run, galle
     queries = _queries_csv(str(tmp_path), rows)
     base = ["--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu", "--queries",
             queries]
-    rc, full_out, err = call(*base, "--top_k", "1000", "--json", str(tmp_path / "full.jsonl"))
+    rc, full_out, err = run_retrieve(*base, "--top_k", "1000", "--json", str(tmp_path / "full.jsonl"))
     assert rc == 0, err
-    rc, out, err = call(*base, "--top_k", "1", "--json", str(tmp_path / "one.jsonl"), "--out_dir",
-                        str(tmp_path / "pics"), "--thumb", "64")
+    rc, out, err = run_retrieve(*base, "--top_k", "1", "--json", str(tmp_path / "one.jsonl"), "--out_dir",
+                                str(tmp_path / "pics"), "--thumb", "64")
     assert rc == 0, err
     full = [json.loads(line) for line in open(tmp_path / "full.jsonl")]
     one = [json.loads(line) for line in open(tmp_path / "one.jsonl")]
@@ -105,9 +107,9 @@ def test_missed_target_rank_line_json_picture_and_index_html(triplets_run, galle
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_json_without_target_has_no_target_rank(triplets_run, gallery, tmp_path):  # noqa: F811
-    rc, _, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
-                      "--image", os.path.join(gallery, "images/blue clock/000.jpg"), "--text", "green",
-                      "--top_k", "2", "--json", str(tmp_path / "r.jsonl"))
+def test_json_without_target_has_no_target_rank(triplets_run, gallery, tmp_path, run_retrieve):  # noqa: F811
+    rc, _, err = run_retrieve("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--device", "cpu",
+                              "--image", os.path.join(gallery, "images/blue clock/000.jpg"), "--text", "green",
+                              "--top_k", "2", "--json", str(tmp_path / "r.jsonl"))
     assert rc == 0, err
     assert "target_rank" not in json.loads(open(tmp_path / "r.jsonl").read())

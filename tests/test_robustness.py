@@ -29,40 +29,23 @@ import main
 import runlog
 import selection
 import sgd_step
-import synthetic
 import test_retrieval
 import text_model
 from datasets import RetrievalTask
 from errors import UserInputError
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # test_main's CLI helpers; appended,
 # so that the repository's test_retrieval module is not shadowed by tests/test_retrieval.py
-from test_main import REPO, cli, error_message, load, metric_lines, one_error_line, one_thread, only_run_folder, run_cli
+from test_main import REPO, cli, error_message, load, metric_lines, one_error_line, only_run_folder, run_cli
+from test_checkpoint_faults import tirg
 
-TINY = dict(image_size=32, n_train_nouns=2, n_test_nouns=1, adjectives_per_noun=3, images_per_class=3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("robust_data") / "tiny")
-    synthetic.generate_synthetic(path, seed=0, **TINY)
-    return path
-
-
-def tirg(data: str, log_dir, *extra: str) -> list[str]:
-    return cli(data, log_dir, "--model", "tirg", "--loss", "batch_based_classification", "--lstm_dim", "16", *extra)
-
-
-@pytest.fixture(scope="module")
-def two_step_run(tmp_path_factory, data) -> dict:
+def two_step_run(tmp_path_factory, tiny_mitstates) -> dict:
     """2 iterations, checkpoints at 1 and 2; the copy ``ckpt`` is never written by later tests."""
     log_dir = tmp_path_factory.mktemp("robust_run")
-    rc, _ = run_cli(tirg(data, log_dir, "--num_iters", "2", "--save_every", "1"))
+    rc, _ = run_cli(tirg(tiny_mitstates, log_dir, "--num_iters", "2", "--save_every", "1"))
     assert rc == 0
     folder = only_run_folder(log_dir)
     kept = str(log_dir / "kept.pth")
@@ -133,13 +116,13 @@ def test_nonfinite_features_rank_last_and_are_never_hits(caplog):
     assert metrics["recall_top3_correct_x"] == pytest.approx(1 / 3)  # never 1.0
 
 
-def test_nan_weight_checkpoint_does_not_report_recall(two_step_run, data, tmp_path, capsys):
+def test_nan_weight_checkpoint_does_not_report_recall(two_step_run, tiny_mitstates, tmp_path, capsys):
     ckpt = torch.load(two_step_run["ckpt"], map_location="cpu", weights_only=False)
     name = next(k for k, v in ckpt["model_state_dict"].items() if k.endswith("fc.0.weight"))
     ckpt["model_state_dict"][name][0, 0] = float("nan")
     bad = str(tmp_path / "nan.pth")
     torch.save(ckpt, bad)
-    rc = main.main(tirg(data, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", bad))
+    rc = main.main(tirg(tiny_mitstates, tmp_path / "logs", "--test_only", "True", "--model_checkpoint", bad))
     out, err = capsys.readouterr()
     assert rc == 1
     line = error_message(err)
@@ -149,10 +132,10 @@ def test_nan_weight_checkpoint_does_not_report_recall(two_step_run, data, tmp_pa
 
 # ------------------------------------------------------------------------------------------------------------------
 # 2-3. The finite-weight guard; strict metrics.json
-def test_diverging_learning_rate_leaves_only_finite_files(data, tmp_path, capsys):
+def test_diverging_learning_rate_leaves_only_finite_files(tiny_mitstates, tmp_path, capsys):
     """ComposeAE at --learning_rate 1e6: BatchNorm's running_var is infinite after iteration 2 while the loss that
     came before the update is finite; nothing non-finite reaches disk, and the line names a finite checkpoint."""
-    rc = main.main(cli(data, tmp_path, "--num_iters", "6", "--learning_rate", "1e6", "--save_every", "1",
+    rc = main.main(cli(tiny_mitstates, tmp_path, "--num_iters", "6", "--learning_rate", "1e6", "--save_every", "1",
                        "--eval_every", "2", "--lstm_dim", "16"))
     err = capsys.readouterr().err
     assert rc == 1
@@ -168,7 +151,7 @@ def test_diverging_learning_rate_leaves_only_finite_files(data, tmp_path, capsys
     assert leftovers(folder) == []
 
 
-def test_guard_stops_on_a_nonfinite_buffer_before_the_write(data, tmp_path, monkeypatch, capsys):
+def test_guard_stops_on_a_nonfinite_buffer_before_the_write(tiny_mitstates, tmp_path, monkeypatch, capsys):
     """A finite loss but an infinite BatchNorm buffer after step 3: the checkpoint of step 2 stays and is named."""
     real, calls = sgd_step.train_one_step, {"n": 0}
 
@@ -180,7 +163,7 @@ def test_guard_stops_on_a_nonfinite_buffer_before_the_write(data, tmp_path, monk
         return out
 
     monkeypatch.setattr(sgd_step, "train_one_step", poisoned)
-    rc = main.main(tirg(data, tmp_path, "--num_iters", "5", "--save_every", "1"))
+    rc = main.main(tirg(tiny_mitstates, tmp_path, "--num_iters", "5", "--save_every", "1"))
     line = error_message(capsys.readouterr().err)
     assert rc == 1
     folder = only_run_folder(tmp_path)
@@ -197,14 +180,14 @@ def test_metrics_json_is_strict(tmp_path):
                                  "test recall_top10_correct_shirt": 0.25}, "auto") == 0.25
 
 
-def test_resuming_nonfinite_weights_is_refused(two_step_run, data, tmp_path, capsys):
+def test_resuming_nonfinite_weights_is_refused(two_step_run, tiny_mitstates, tmp_path, capsys):
     ckpt = torch.load(two_step_run["ckpt"], map_location="cpu", weights_only=False)
     name = next(k for k, v in ckpt["model_state_dict"].items() if k.endswith("running_var"))
     ckpt["model_state_dict"][name].fill_(math.inf)
     (tmp_path / "run").mkdir()
     path = str(tmp_path / "run" / "latest_checkpoint.pth")
     torch.save(ckpt, path)
-    assert main.main(tirg(data, tmp_path / "unused", "--num_iters", "4", "--resume", path)) == 2
+    assert main.main(tirg(tiny_mitstates, tmp_path / "unused", "--num_iters", "4", "--resume", path)) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line == (f"main.py: error: --resume {path}: 1 of its tensors are not finite (e.g. {name}); resume from "
                     f"an earlier checkpoint")
@@ -213,12 +196,12 @@ def test_resuming_nonfinite_weights_is_refused(two_step_run, data, tmp_path, cap
 
 # ------------------------------------------------------------------------------------------------------------------
 # 4. Signals
-def test_sigint_and_sigterm_save_and_the_printed_command_resumes(data, tmp_path):
+def test_sigint_and_sigterm_save_and_the_printed_command_resumes(tiny_mitstates, tmp_path):
     procs = {}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     for sig in (signal.SIGINT, signal.SIGTERM):
         log_dir = tmp_path / sig.name
-        argv = tirg(data, log_dir, "--num_iters", "100000", "--save_every", "100000")
+        argv = tirg(tiny_mitstates, log_dir, "--num_iters", "100000", "--save_every", "100000")
         err = open(tmp_path / f"{sig.name}.err", "w")
         procs[sig] = (subprocess.Popen([sys.executable, "main.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                        stderr=err), log_dir, err, argv)
@@ -249,7 +232,7 @@ def test_sigint_and_sigterm_save_and_the_printed_command_resumes(data, tmp_path)
         assert load(ckpt)["it"] == it + 1
 
 
-def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path, monkeypatch, capsys):
+def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, tiny_mitstates, tmp_path, monkeypatch, capsys):
     real, calls = sgd_step.train_one_step, {"n": 0}
 
     def step(*a, **kw):
@@ -259,7 +242,7 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
         return real(*a, **kw)
 
     monkeypatch.setattr(sgd_step, "train_one_step", step)
-    argv = tirg(data, tmp_path, "--num_iters", "50", "--save_every", "100")
+    argv = tirg(tiny_mitstates, tmp_path, "--num_iters", "50", "--save_every", "100")
     rc = main.main(argv)
     err = capsys.readouterr().err
     assert rc == 138 and calls["n"] == 2
@@ -275,7 +258,7 @@ def test_sigusr1_saves_between_steps_and_exits_138(two_step_run, data, tmp_path,
     assert main.resume_command(["--resume", "old", "--x", "1", "--resume=o2"], "new") == "main.py --resume new --x 1"
 
 
-def test_a_second_signal_stops_at_once_without_writing(two_step_run, data, tmp_path, monkeypatch, capsys):
+def test_a_second_signal_stops_at_once_without_writing(two_step_run, tiny_mitstates, tmp_path, monkeypatch, capsys):
     real = sgd_step.train_one_step
 
     def step(*a, **kw):
@@ -284,7 +267,7 @@ def test_a_second_signal_stops_at_once_without_writing(two_step_run, data, tmp_p
         return real(*a, **kw)
 
     monkeypatch.setattr(sgd_step, "train_one_step", step)
-    rc = main.main(tirg(data, tmp_path, "--num_iters", "50", "--save_every", "1"))
+    rc = main.main(tirg(tiny_mitstates, tmp_path, "--num_iters", "50", "--save_every", "1"))
     assert rc == 130
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("main.py: SIGINT: interrupted; stopped without")
     # stopped inside the first step: nothing to resume, so the new run folder is removed as after any failed start
@@ -307,7 +290,8 @@ def test_atomic_write_removes_its_temp_file_and_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["f.bin"] and open(path, "rb").read() == b"old"
 
 
-def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(data, tmp_path, monkeypatch, capsys):
+def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(tiny_mitstates, tmp_path, monkeypatch,
+                                                                            capsys):
     real, calls = torch.save, {"n": 0}
 
     def save(obj, f, *a, **kw):
@@ -318,7 +302,7 @@ def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(data
         return real(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save)
-    rc = main.main(tirg(data, tmp_path, "--num_iters", "3", "--save_every", "1"))
+    rc = main.main(tirg(tiny_mitstates, tmp_path, "--num_iters", "3", "--save_every", "1"))
     line = error_message(capsys.readouterr().err)
     monkeypatch.setattr(torch, "save", real)
     folder = only_run_folder(tmp_path)
@@ -329,14 +313,14 @@ def test_disk_full_while_saving_names_the_file_and_the_last_good_checkpoint(data
     assert load(latest)["it"] == 1 and leftovers(folder) == []
 
 
-def test_a_write_error_in_the_events_names_them(data, tmp_path, monkeypatch, capsys):
+def test_a_write_error_in_the_events_names_them(tiny_mitstates, tmp_path, monkeypatch, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
     def full(self, *a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(SummaryWriter, "add_scalar", full)
-    rc = main.main(tirg(data, tmp_path, "--num_iters", "3", "--log_every", "1", "--save_every", "100"))
+    rc = main.main(tirg(tiny_mitstates, tmp_path, "--num_iters", "3", "--log_every", "1", "--save_every", "100"))
     line = error_message(capsys.readouterr().err)
     assert rc == 1
     assert line == (f"main.py: error: cannot write the TensorBoard events in {only_run_folder(tmp_path)}: no space "
@@ -358,7 +342,8 @@ def test_stale_temp_files_go_and_live_ones_stay(tmp_path):
     assert sorted(os.listdir(tmp_path)) == [f"metrics.json.tmp{live}", "notes.tmp"]
 
 
-def test_resume_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken(two_step_run, data, tmp_path, capsys):
+def test_resume_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken(two_step_run, tiny_mitstates, tmp_path,
+                                                                          capsys):
     folder = tmp_path / "run"
     folder.mkdir()
     ckpt = str(folder / "latest_checkpoint.pth")
@@ -366,7 +351,7 @@ def test_resume_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken(two_st
     lock = folder / runlog.LOCK_NAME
     lock.write_text(f"{runlog.socket.gethostname()} {os.getppid()}\n")  # a live process
     (folder / f"latest_checkpoint.pth.tmp{dead_pid()}").write_bytes(b"torn")
-    argv = tirg(data, tmp_path / "unused", "--num_iters", "3", "--resume", ckpt)
+    argv = tirg(tiny_mitstates, tmp_path / "unused", "--num_iters", "3", "--resume", ckpt)
     assert main.main(argv) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"in use by process {os.getppid()}" in line and str(lock) in line
@@ -378,9 +363,9 @@ def test_resume_into_a_folder_in_use_is_refused_and_a_stale_lock_is_taken(two_st
 
 # ------------------------------------------------------------------------------------------------------------------
 # 6. Unreadable and absurd images
-def test_a_training_set_of_unreadable_images_ends_with_one_line(data, tmp_path, capsys):
+def test_a_training_set_of_unreadable_images_ends_with_one_line(tiny_mitstates, tmp_path, capsys):
     copy = str(tmp_path / "data")
-    shutil.copytree(data, copy)
+    shutil.copytree(tiny_mitstates, copy)
     trainset = datasets.MITStates(copy, "train", image_size=32)
     for img in trainset.imgs:
         with open(img["file_path"], "wb") as f:
@@ -448,12 +433,12 @@ def bad_files(tmp_path_factory, two_step_run) -> dict:
     (["--image_weights", "{tensor}"], ["--image_weights {tensor}", "holds a Tensor"]),
     (["--image_weights", "{ckpt}"], ["--image_weights {ckpt}", "main.py checkpoint"]),
 ])
-def test_bad_flags_and_files_give_one_line_before_the_first_step(extra, words, data, tmp_path, bad_files, capsys,
-                                                                 monkeypatch):
+def test_bad_flags_and_files_give_one_line_before_the_first_step(extra, words, tiny_mitstates, tmp_path, bad_files,
+                                                                 capsys, monkeypatch):
     started = []
     monkeypatch.setattr(sgd_step, "train_one_step", lambda *a, **kw: started.append(1))
     extra = [x.format(**bad_files) for x in extra]
-    rc = main.main(tirg(data, tmp_path / "logs", "--num_iters", "2") + extra)
+    rc = main.main(tirg(tiny_mitstates, tmp_path / "logs", "--num_iters", "2") + extra)
     out, err = capsys.readouterr()
     assert rc == 2, err
     line = one_error_line(err)
@@ -463,7 +448,7 @@ def test_bad_flags_and_files_give_one_line_before_the_first_step(extra, words, d
     assert not glob.glob(str(tmp_path / "logs" / "*" / "*.pth"))
 
 
-def test_read_only_run_folder_on_resume_names_it(two_step_run, data, tmp_path, monkeypatch, capsys):
+def test_read_only_run_folder_on_resume_names_it(two_step_run, tiny_mitstates, tmp_path, monkeypatch, capsys):
     folder = tmp_path / "run"
     folder.mkdir()
     ckpt = str(folder / "latest_checkpoint.pth")
@@ -476,12 +461,12 @@ def test_read_only_run_folder_on_resume_names_it(two_step_run, data, tmp_path, m
         return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(runlog.os, "open", read_only)
-    assert main.main(tirg(data, tmp_path / "unused", "--num_iters", "3", "--resume", ckpt)) == 2
+    assert main.main(tirg(tiny_mitstates, tmp_path / "unused", "--num_iters", "3", "--resume", ckpt)) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"cannot write into the run folder {folder} (Read-only file system)" in line
 
 
-def test_read_only_log_dir_names_it(data, tmp_path, monkeypatch, capsys):
+def test_read_only_log_dir_names_it(tiny_mitstates, tmp_path, monkeypatch, capsys):
     log_dir = str(tmp_path / "logs")
     os.makedirs(log_dir)
 
@@ -489,7 +474,7 @@ def test_read_only_log_dir_names_it(data, tmp_path, monkeypatch, capsys):
         raise PermissionError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(runlog.os, "mkdir", read_only)
-    assert main.main(tirg(data, log_dir, "--num_iters", "2")) == 2
+    assert main.main(tirg(tiny_mitstates, log_dir, "--num_iters", "2")) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"main.py: error: --log_dir {log_dir}: cannot create a run folder in it (Read-only file "
                            f"system: {log_dir}/")
