@@ -17,7 +17,7 @@ from typing import Callable
 
 from checkpoint import atomic_write
 from errors import UserInputError
-from gallery import file_sha256
+from provenance import file_sha256
 
 CHECKSUMS_NAME = "checksums.sha256"
 _LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")  # sha256sum's text (' ') and binary ('*') modes

@@ -1,9 +1,7 @@
-"""The gallery of retrieve.py on disk: the scan of its folder (``scan_gallery``), the checkpoint's identity
-(``file_sha256``) and the atomic writes of every output file (``write_file``). The index that keeps the gallery's
-features between calls is ``gallery_index``."""
+"""The gallery of retrieve.py on disk: the scan of its folder (``scan_gallery``) and the atomic writes of every
+output file (``write_file``). The index that keeps the gallery's features between calls is ``gallery_index``."""
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from typing import Any, Callable
@@ -36,15 +34,6 @@ def scan_gallery(folder: str) -> tuple[list[tuple[str, int, int]], list[str]]:
                 skipped.append(rel)
     found.sort()
     return found, sorted(skipped)
-
-
-def file_sha256(path: str) -> str:
-    """The SHA-256 of the file's bytes, in hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_file(path: str, write: Callable[[Any], None], mode: str = "wb") -> None:

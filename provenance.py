@@ -3,6 +3,7 @@ number of processes, and when the run started and ended (``session_record``); ``
 holds one such record per process start (a resumed run adds one)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import shlex
@@ -18,6 +19,16 @@ RUN_FILE = "run.json"
 FORMAT = "composeae-run/1"
 # The libraries whose versions move the numbers (read from their installed metadata, without importing them).
 LIBRARIES = ("torch", "torchvision", "transformers", "numpy")
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of the file's bytes, in hex (read in 1 MiB blocks): which copy of a checkpoint or an index
+    file a run used."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def git_state(folder: str | None = None) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ from datasets import RetrievalTask
 from retrieval_datasets.base import read_utf8_text
 from errors import UserInputError, report_internal_error
 from feature_store import DTYPES, IndexDamaged
-from gallery import IMAGE_SUFFIXES, file_sha256, scan_gallery, write_file  # noqa: F401  (tests: retrieve.file_sha256)
+from gallery import IMAGE_SUFFIXES, scan_gallery, write_file
 from image_cache import BadImageError, load_rgb_uint8
 from gallery_index import load_index, read_index_file, save_index  # noqa: F401  (benchmark.py calls retrieve.load_index and retrieve.save_index)
 

@@ -18,25 +18,17 @@ import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from provenance import file_sha256
+
 logger = logging.getLogger("datasets")  # the name its log lines carry
 
 NOT_COMPARABLE = "recalls are not comparable with published numbers"
 LISTING_KEY = "images/"  # fingerprint "files" key of a layout whose folder is its list (MIT-States, synthetic)
-_CHUNK = 1 << 20
 
 
 def missing_paths(paths: Iterable[str]) -> frozenset[str]:
     """The paths of ``paths`` that are not files: one ``os.path.isfile`` (a stat) each, no decode."""
     return frozenset(p for p in dict.fromkeys(paths) if not os.path.isfile(p))
-
-
-def sha256_file(path: str) -> str:
-    """The SHA-256 hex digest of the file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def listing_digest(paths: Iterable[str], root: str) -> str:
@@ -69,7 +61,7 @@ def fingerprint(splits: Mapping[str, Any]) -> dict:
             for path in ds.index_files:
                 rel = os.path.relpath(path, ds.path)
                 if rel not in files:
-                    files[rel] = sha256_file(path)
+                    files[rel] = file_sha256(path)
         else:
             listed.setdefault(ds.path, []).extend(ds.listed_paths())
     for root, paths in listed.items():

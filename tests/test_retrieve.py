@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import provenance
 import retrieve
 import visualize
 
@@ -133,7 +134,7 @@ def test_index_is_reused_updated_and_rebuilt_for_another_checkpoint(triplets_run
     assert len(encoded[-1]) == 18
     notice = [line for line in err.splitlines() if line.strip()]
     assert len(notice) == 1 and "was built with another checkpoint_sha256; rebuilding it" in notice[0], err
-    assert read_index(index)["identity"]["checkpoint_sha256"] == retrieve.file_sha256(other)
+    assert read_index(index)["identity"]["checkpoint_sha256"] == provenance.file_sha256(other)
 
 
 def test_original_code_lstm_checkpoint_needs_its_training_texts(triplets_run, triplets_data, gallery, tmp_path,
