@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 import synthetic
 import main
 import checkpoint
+import encoding
 import factory
 import img_text_composition_models as models
-import test_retrieval
 import distributed as TF
 
 
@@ -118,8 +118,8 @@ def _bn_worker(rank: int, world: int, port: int, out: str) -> None:
         (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         # the evaluation's gather: rank 0 holds rows 0 and 2, rank 1 row 1, of a (3, 2) table
         index = torch.tensor([0, 2]) if rank == 0 else torch.tensor([1])
-        table = test_retrieval._assemble_rows(10.0 * index[:, None] + torch.tensor([0.0, 1.0]), index, 3, world,
-                                              torch.device("cpu"))
+        table = encoding._assemble_rows(10.0 * index[:, None] + torch.tensor([0.0, 1.0]), index, 3, world,
+                                        torch.device("cpu"))
     grad_w = bn[0].weight.grad.clone()
     torch.distributed.all_reduce(grad_w)  # what DistributedDataParallel does, before its division by 2
     if rank == 0:

@@ -18,7 +18,7 @@ LAYERS = (
     ("entry points", {"main", "retrieve", "benchmark", "benchmarks", "sweep", "report", "reporting", "demo", "index_bench", "tools"}),
     ("wiring", {"factory", "config", "training", "sgd_step", "cuda_graph", "interrupts", "selection", "runlog",
                 "cirr_submission", "console", "hparams_session"}),
-    ("evaluation", {"test_retrieval", "protocols", "visualize"}),
+    ("evaluation", {"test_retrieval", "encoding", "protocols", "visualize"}),
     ("data and models", {"datasets", "retrieval_datasets", "synthetic", "image_cache", "gallery",
                          "img_text_composition_models", "text_model", "torch_functions", "checkpoint",
                          "checkpoint_settings", "checksums", "published", "gallery_index", "feature_store", "ann"}),
