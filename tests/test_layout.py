@@ -17,7 +17,7 @@ DATASET_NAMES = {"mitstates", "fashion200k", "fashionIQ", "css3d", "cirr", "synt
 LAYERS = (
     ("entry points", {"main", "retrieve", "benchmark", "benchmarks", "sweep", "report", "reporting", "demo", "index_bench", "tools"}),
     ("wiring", {"factory", "config", "training", "sgd_step", "cuda_graph", "interrupts", "selection", "runlog",
-                "cirr_submission", "console", "hparams_session"}),
+                "cirr_submission", "console", "hparams_session", "retrieve_queries", "retrieve_outputs"}),
     ("evaluation", {"test_retrieval", "encoding", "protocols", "visualize"}),
     ("data and models", {"datasets", "retrieval_datasets", "synthetic", "image_cache", "gallery",
                          "img_text_composition_models", "text_model", "torch_functions", "checkpoint",
