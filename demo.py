@@ -4,7 +4,7 @@
         [--device auto|cpu|cuda] [--threads N]
 
 The model and the gallery's features are loaded once, as retrieve.py loads them (``factory.model_from_checkpoint``,
-``retrieve.gallery_features``, with ``--index`` reused and updated); every query is encoded and ranked as
+``gallery_index.update_index`` with ``retrieve._GalleryEncoder``, ``--index`` reused and updated); every query is encoded and ranked as
 ``retrieve.py --json`` ranks it (the query's own image left out), through the one adapter ``_search``. A result
 clicked on the page becomes the next turn's source.
 
@@ -44,7 +44,7 @@ import gallery_index
 import retrieve
 from checkpoint import WriteFailed, read_checkpoint
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
-from errors import OneLineParser, UserInputError
+from errors import OneLineParser, UserInputError, report_internal_error
 from gallery import IMAGE_SUFFIXES, scan_gallery
 from image_cache import MAX_IMAGE_PIXELS, BadImageError, load_rgb_uint8
 
@@ -374,7 +374,11 @@ def create_app(state: DemoState, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> "f
 
 def serve(state: DemoState, host: str, port: int) -> None:
     """Serves the page on ``host:port`` (threaded: each request on its own thread) until interrupted."""
-    server = make_server(host, port, create_app(state), threaded=True)
+    try:
+        server = make_server(host, port, create_app(state), threaded=True)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise UserInputError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port or "
+                             f"--host") from None
     shown = f"[{host}]" if ":" in host else host
     print(f"{PROG}: serving {len(state.files)} gallery images at http://{shown}:{server.server_port}/ "
           f"(Ctrl-C stops)", file=sys.stderr)
@@ -391,7 +395,8 @@ def serve(state: DemoState, host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line: serves until interrupted (0); 2 with one ``demo.py: error:`` line for bad input; 1 when
-    the ``--index`` file cannot be written."""
+    the ``--index`` file cannot be written; 1 and one ``demo.py: internal error:`` line (the traceback in a file)
+    for anything else (``errors.report_internal_error``)."""
     try:
         args = get_args_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a bad flag (one line already printed)
@@ -406,7 +411,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WriteFailed as exc:  # the --index file cannot be written (a full disk): not the input's fault
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    serve(state, args.host, args.port)
+    except Exception as exc:  # noqa: BLE001 (the last resort: one line, the traceback in a file)
+        return report_internal_error(PROG, exc)
+    try:
+        serve(state, args.host, args.port)
+    except UserInputError as exc:  # the port is taken, or the address cannot be bound
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A reason names one difference that changes the numbers: the query text, the split that picks the best checkpoint,
 the Fashion IQ or CSS3D protocol, the image weights, the text encoder, the image size, far fewer iterations than
-the papers' 160,000, or listed images that were missing or unreadable.
+the papers' 160,000, listed images that were missing or unreadable, or images drawn by the synthetic generator in
+a dataset's layout.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import dataclasses
 import os
 
 from published import PROTOCOLS, PublishedRow, rows_for
+from retrieval_datasets.synthetic import SYNTHETIC_MANIFEST
 from reporting.runs import RunRecord
 
 PAPER_ITERS = 160_000  # both papers' training length
@@ -104,6 +106,11 @@ def general_reasons(runs: list[RunRecord]) -> list[str]:
     if short:
         reasons.append(f"{min((n for n in short if isinstance(n, int)), default='unknown')} iterations, far short "
                        f"of the papers' {PAPER_ITERS:,} (--num_iters)")
+    generated = sorted({str(run.args["dataset_path"]) for run in runs if run.args.get("dataset_path")
+                        and os.path.isfile(os.path.join(str(run.args["dataset_path"]), SYNTHETIC_MANIFEST))})
+    if generated:
+        reasons.append(f"the images of {', '.join(generated)} are the synthetic generator's ({SYNTHETIC_MANIFEST}), "
+                       f"not the dataset's release")
     for run in runs:
         problems = _data_problems(run)
         if problems:

@@ -315,3 +315,14 @@ def test_index_is_written_and_reused(triplets_run, gallery, tmp_path, monkeypatc
     again = state_for(triplets_run["ckpt"], gallery, "--index", index)
     assert encoded == [[]]  # only the probe query was encoded: every gallery feature came from the index
     assert again.files == first.files and torch.allclose(again.feats, first.feats, atol=1e-6)
+
+
+def test_an_unexpected_error_is_one_internal_error_line(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(demo, "build_state", broken)
+    rc = demo.main(["--model_checkpoint", "x.pth", "--gallery", "g"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1
+    assert err[0].startswith("demo.py: internal error: RuntimeError: a bug; the traceback is in ")

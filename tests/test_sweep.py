@@ -157,4 +157,5 @@ def test_a_three_seed_sweep_reports_the_mean_and_sd_of_its_runs(tmp_path, tiny_m
     assert tirg and all(p["arxiv"] == "1812.07119" for p in tirg)
     assert group["comparable"] is False
     assert any("2 iterations" in r for r in group["why_not"]) and any("image weights" in r for r in group["why_not"])
+    assert any("synthetic generator" in r and tiny_mitstates in r for r in group["why_not"])
     assert len(group["provenance"]["runs_without_run_json"]) == 0  # every run recorded its provenance
