@@ -352,21 +352,21 @@ class Run:
         (latest, history, best) and the summary table on the console."""
         self.history.append({"it": it, **metrics})
         self._update_best(self.history[-1])
+        live = self.live_info() if self.live_info else {}  # every rank: it may gather across processes
         if not self.enabled:
             return
         with self._writing(f"the TensorBoard events in {self.folder}"):
             for name, value in metrics.items():
                 split, _, metric = name.partition(" ")
                 self.writer.add_scalar(f"{self.tag_prefix}{split}/{metric}", value, it)
-        self._write_metrics_json()
+        self._write_metrics_json(live)
         sizes = {split: size for split, (size, _) in self.galleries.items()}
         for line in summary_table(metrics, it, self.best, sizes):
             echo(line)
 
-    def _write_metrics_json(self) -> None:
-        """metrics.json: ``info``, the current ``live_info()`` (the dataset counts), latest, history and best."""
-        data = {**self.info, **(self.live_info() if self.live_info else {}), "latest": self.history[-1],
-                "history": self.history}
+    def _write_metrics_json(self, live: dict) -> None:
+        """metrics.json: ``info``, ``live`` (``live_info()``: the dataset counts), latest, history and best."""
+        data = {**self.info, **live, "latest": self.history[-1], "history": self.history}
         if self.best is not None:
             data["best"] = self.best
         write_json(os.path.join(self.folder, "metrics.json"), data, self.write_advice())
@@ -406,10 +406,11 @@ class Run:
         ``notes`` as the run's last lines (warnings), the files closed and the lock released. metrics.json is
         written again when ``live_info`` may have changed since (unreadable images met after the last evaluation)."""
         self.release()
+        live = self.live_info() if self.history and self.live_info is not None else None  # every rank (a gather)
         if not self.enabled:
             return
-        if self.history and self.live_info is not None:
-            self._write_metrics_json()
+        if live is not None:
+            self._write_metrics_json(live)
         line = self.yardstick()
         if line:
             echo(line)

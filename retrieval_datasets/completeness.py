@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from distributed import distributed_world
 from provenance import file_sha256
 
 logger = logging.getLogger("datasets")  # the name its log lines carry
@@ -85,6 +86,22 @@ def add_bad(dataset: Any, paths: Sequence[str]) -> None:
         dataset.bad_images.update(paths)
 
 
+def gather_bad(datasets: Sequence[Any]) -> None:
+    """Every process's unreadable images of each dataset added to every process's record: a collective of the
+    ``torch.distributed`` group (every rank calls it, with its copies of the same datasets in the same order);
+    nothing happens in a single process."""
+    _, world = distributed_world()
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, [sorted(getattr(ds, "bad_images", ())) for ds in datasets])
+    for lists in everyone:
+        for ds, paths in zip(datasets, lists):
+            add_bad(ds, paths)
+
+
 def split_counts(dataset: Any) -> dict[str, dict[str, int]]:
     """``{group: {"listed", "present", "unreadable"}}`` of one dataset (group '' or a Fashion IQ category)."""
     missing = dataset.missing
@@ -120,22 +137,26 @@ class DataRecord:
 
     Built at the start of a run (``splits``: split -> dataset, ``title``: the dataset's name in messages); it warns
     then, once per split, about missing images. Each call returns ``{"data": counts(splits)}`` and warns, once per
-    split and run, about the splits that have unreadable images by then.
+    split and run, about the splits that have unreadable images by then. With several processes every rank calls
+    it at the same points (``runlog.Run.metrics`` and ``close``): the unreadable images each rank met are gathered
+    first (``gather_bad``), and only rank 0 warns.
     """
 
     def __init__(self, splits: Mapping[str, Any], title: str) -> None:
         self.splits = {k: v for k, v in splits.items() if v is not None}
         self.title = title
         self._warned: set[str] = set()
+        self._speaks = distributed_world()[0] == 0
         for key, c in counts(self.splits).items():
             missing = c["listed"] - c["present"]
-            if missing:
+            if missing and self._speaks:
                 logger.warning("%s", problem_line(f"{title} {key}", missing, c["listed"], "missing"))
 
     def __call__(self) -> dict:
+        gather_bad(list(self.splits.values()))
         data = counts(self.splits)
         for key, c in data.items():
-            if c["unreadable"] and key not in self._warned:
+            if c["unreadable"] and key not in self._warned and self._speaks:
                 self._warned.add(key)
                 logger.warning("%s", problem_line(f"{self.title} {key}", c["unreadable"], c["listed"],
                                                   "unreadable"))

@@ -158,3 +158,36 @@ def test_global_batchnorm_keeps_keys_and_is_plain_batchnorm_in_one_process():
     assert list(converted.state_dict()) == list(plain.state_dict())
     x = torch.randn(5, 3)
     torch.testing.assert_close(converted(x), plain(x))
+
+
+class _Listed:
+    """A split's bookkeeping as completeness reads it: four listed images, none missing."""
+
+    def __init__(self) -> None:
+        self.missing, self.bad_images = frozenset(), set()
+
+    def listed_groups(self) -> dict:
+        return {"": [f"img{i}.jpg" for i in range(4)]}
+
+
+def _bad_worker(rank: int, world: int, port: int, out: str) -> None:
+    from retrieval_datasets import completeness
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    train, test = _Listed(), _Listed()
+    record = completeness.DataRecord({"train": train, "test": test}, "Tiny")
+    train.bad_images.add(f"img{rank}.jpg")  # each rank met another unreadable training image
+    if rank == 1:
+        test.bad_images.add("img3.jpg")
+    data = record()["data"]
+    torch.save(data, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_unreadable_images_met_on_every_rank_are_counted_on_every_rank(tmp_path):
+    out = str(tmp_path / "data")
+    mp.spawn(_bad_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.load(f"{out}.{rank}") == {"train": {"listed": 4, "present": 4, "unreadable": 2},
+                                               "test": {"listed": 4, "present": 4, "unreadable": 1}}
