@@ -43,6 +43,11 @@ class PublishedRow:
     value: float  # a fraction (0.122 for 12.2 %)
     checked: bool  # read in the paper's table itself
 
+    @property
+    def source(self) -> str:
+        """Where the number is printed: '<paper>, arXiv <id>, Table <n>' (no table where it is not established)."""
+        return f"{self.paper}, arXiv {self.arxiv}" + (f", Table {self.table}" if self.table else "")
+
 
 def _rows(paper: str, arxiv: str, table: str, dataset: str, protocol: str, model: str, text_encoder: str,
           values: dict[str, float]) -> tuple[PublishedRow, ...]:

@@ -154,7 +154,8 @@ def judge(runs: list[RunRecord]) -> Verdict:
     published = []
     for row in rows:
         reasons = row_reasons(runs, row)
-        published.append({**dataclasses.asdict(row), "matches": not reasons, "why_not": reasons})
+        published.append({"source": row.source, **dataclasses.asdict(row), "matches": not reasons,
+                          "why_not": reasons})
     why_not = general_reasons(runs)
     notes = []
     complete = any(run_protocol(run) == "complete_text_query" for run in runs)

@@ -92,6 +92,8 @@ def test_groups_statistics_published_verdict_and_plots(four_runs, capsys):
     assert three["best"][R1]["mean"] == pytest.approx(statistics.mean(best_r1))
     assert one["final"][R1] == {"mean": 0.2, "sd": None, "n": 1, "values": [0.2]}
     tirg = [p for p in three["published"] if p["metric"] == R1]
+    assert {"source", "dataset", "protocol", "model", "metric", "value"} <= set(tirg[0])
+    assert tirg[0]["source"].endswith("CVPR 2019, arXiv 1812.07119, Table 2")
     assert len(tirg) == 1 and tirg[0]["arxiv"] == "1812.07119" and tirg[0]["model"] == "tirg"
     assert tirg[0]["value"] == pytest.approx(0.122) and tirg[0]["dataset"] == "mitstates"
     assert three["comparable"] is False
