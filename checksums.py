@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Callable
+from typing import Callable, TypeVar
 
 from checkpoint import atomic_write
 from errors import UserInputError
@@ -25,6 +25,8 @@ _LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")  # sha256sum's text (' ') an
 _AFTER_STEP: Callable[[str], None] | None = None
 
 logger = logging.getLogger("checksums")
+T = TypeVar("T")
+READ_TRIES = 3  # reads of a checkpoint that a running training keeps replacing, before giving up
 
 
 def _step(name: str) -> None:
@@ -45,7 +47,7 @@ class ChecksumFile:
         """``(digest in lower case, name)`` of every well-formed line, in order ([] where there is no file); an
         unreadable file is a UserInputError naming it."""
         try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
+            with open(self.path, encoding="utf-8-sig", errors="replace") as f:  # a leading BOM is dropped
                 lines = f.read().splitlines()
         except FileNotFoundError:
             return []
@@ -104,7 +106,8 @@ def verify_checkpoint(path: str, ignore: bool = False) -> str | None:
         raise UserInputError(f"checkpoint {path} cannot be read ({exc.strerror or exc}); pass a readable "
                              f"checkpoint") from None
     try:
-        listed = ChecksumFile(os.path.dirname(os.path.abspath(path))).digests(os.path.basename(path))
+        real = os.path.realpath(path)  # a link elsewhere is checked against the folder of the file it names
+        listed = ChecksumFile(os.path.dirname(real)).digests(os.path.basename(real))
     except UserInputError:
         if ignore:
             return digest
@@ -117,3 +120,27 @@ def verify_checkpoint(path: str, ignore: bool = False) -> str | None:
         raise UserInputError(f"{line}: pass --ignore_checksum True to use it anyway")
     logger.warning("%s; used anyway (--ignore_checksum True)", line)
     return digest
+
+
+def _identity(path: str) -> tuple | None:
+    """What changes when a file is replaced or rewritten: device, inode, size, modification time (None: absent)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def read_verified(path: str, ignore: bool, read: Callable[[], T]) -> tuple[str | None, T]:
+    """``(digest, read())``: checkpoint ``path`` checked against its checksums file (``verify_checkpoint``) and read
+    by ``read``, both of the same file. A training run may rename a new latest_checkpoint.pth into place between the
+    hash and the read; then both are done again (up to ``READ_TRIES`` times), so the digest is always that of the
+    weights read."""
+    for _ in range(READ_TRIES):
+        before = _identity(path)
+        digest = verify_checkpoint(path, ignore)
+        result = read()
+        if _identity(path) == before:
+            return digest, result
+    raise UserInputError(f"checkpoint {path} was replaced {READ_TRIES} times while it was read (a run is writing "
+                         f"it); copy it elsewhere, or wait for that run to end")

@@ -16,7 +16,7 @@ import torch
 import cirr_submission
 import img_text_composition_models as models
 from checkpoint import read_checkpoint
-from checksums import verify_checkpoint
+from checksums import read_verified
 from checkpoint_settings import recorded_settings, validate_checkpoint_settings
 from errors import OneLineParser, UserInputError
 from retrieval_datasets.fashioniq import FASHION_IQ_PROTOCOLS
@@ -351,11 +351,11 @@ def take_checkpoint_settings(args: argparse.Namespace, ckpt: dict, given: set[st
 def prepare_args(args: argparse.Namespace,
                  given: set[str]) -> tuple[argparse.Namespace, dict | None, str, str | None]:
     """``(args, ckpt, source, sha256)``: the checkpoint of --test_only / --resume checked against its run folder's
-    checksums.sha256 (``verify_checkpoint``, its SHA-256 returned), read and checked (``read_checkpoint``,
+    checksums.sha256 (``checksums.read_verified``, its SHA-256 returned), read and checked (``read_checkpoint``,
     ``validate_checkpoint_settings``), its settings taken, the defaults resolved."""
     source = args.model_checkpoint if args.test_only else args.resume
-    sha256 = verify_checkpoint(source, args.ignore_checksum) if source else None
-    ckpt = read_checkpoint(source, resume=not args.test_only) if source else None
+    sha256, ckpt = read_verified(source, args.ignore_checksum, lambda: read_checkpoint(
+        source, resume=not args.test_only)) if source else (None, None)
     if ckpt is not None:
         validate_checkpoint_settings(recorded_settings(ckpt), source)  # before any setting sizes a tensor
         args = take_checkpoint_settings(args, ckpt, given, source, resume=not args.test_only)

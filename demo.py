@@ -42,8 +42,7 @@ import distributed
 import factory
 import gallery_index
 import retrieve
-from checkpoint import WriteFailed, read_checkpoint
-from checkpoint_settings import recorded_settings, validate_checkpoint_settings
+from checkpoint import WriteFailed
 from errors import OneLineParser, UserInputError, report_internal_error
 from gallery import IMAGE_SUFFIXES, scan_gallery
 from image_cache import MAX_IMAGE_PIXELS, BadImageError, load_rgb_uint8
@@ -96,18 +95,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_port(host: str, port: int) -> None:
-    """The address ``host:port`` can be listened on now (a free port of a local address), checked before the model
-    is loaded; a UserInputError naming it otherwise."""
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (a free port of a local address); a UserInputError naming it otherwise."""
+    sock = None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, address = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own socket
-            probe.bind(address)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        return sock
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise UserInputError(f"--host {host} --port {port} cannot be listened on ({exc.strerror or exc}); pass "
                              f"another --port, or a --host address of this machine") from None
+
+
+def _check_port(host: str, port: int) -> None:
+    """The address ``host:port`` can be listened on now, checked before the model is loaded (``_bind``)."""
+    _bind(host, port).close()
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -178,10 +185,12 @@ def build_state(args: argparse.Namespace) -> DemoState:
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case); "
                              f"pass --gallery DIR holding the images")
-    sha256 = checksums.verify_checkpoint(args.model_checkpoint, args.ignore_checksum)  # a changed file is refused
-    validate_checkpoint_settings(recorded_settings(read_checkpoint(args.model_checkpoint)), args.model_checkpoint)
+    # a changed or bad checkpoint is refused before any work; the digest is that of the weights read
+    sha256, ckpt = checksums.read_verified(args.model_checkpoint, args.ignore_checksum,
+                                           lambda: factory.read_model_checkpoint(args.model_checkpoint))
     device = distributed.pick_device(args.device)
-    model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model)
+    model, margs, _ = factory.model_from_checkpoint(args.model_checkpoint, device, bert_model=args.bert_model,
+                                                    ckpt=ckpt)
     image_size = int(margs.image_size)
     identity = {"checkpoint_sha256": sha256, "image_size": image_size, "model": str(margs.model)}
     # the index's width is the model's, told by one probe query's features
@@ -374,11 +383,10 @@ def create_app(state: DemoState, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> "f
 
 def serve(state: DemoState, host: str, port: int) -> None:
     """Serves the page on ``host:port`` (threaded: each request on its own thread) until interrupted."""
-    try:
-        server = make_server(host, port, create_app(state), threaded=True)
-    except OSError as exc:  # the port is taken, or the address is not this machine's
-        raise UserInputError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port or "
-                             f"--host") from None
+    # bound here, not by werkzeug, which answers a taken port with its own lines and sys.exit(1)
+    with _bind(host, port) as sock:
+        sock.listen(128)
+        server = make_server(host, port, create_app(state), threaded=True, fd=sock.fileno())  # (a duplicate)
     shown = f"[{host}]" if ":" in host else host
     print(f"{PROG}: serving {len(state.files)} gallery images at http://{shown}:{server.server_port}/ "
           f"(Ctrl-C stops)", file=sys.stderr)

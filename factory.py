@@ -20,6 +20,7 @@ from errors import UserInputError
 from distributed import convert_to_global_batchnorm, distributed_world
 from retrieval_datasets.base import SplitOptions
 from retrieval_datasets.registry import build_splits as build_dataset_splits, dataset_spec
+from retrieval_datasets.synthetic import SYNTHETIC_MANIFEST
 
 logger = logging.getLogger("main")
 
@@ -120,6 +121,9 @@ def run_info(args) -> dict:
         logger.warning("--use_complete_text_query True: the query text holds the target's label (on %s the whole "
                        "target caption), so these recalls are not comparable with TIRG's protocol", args.dataset)
         info["query_text"] = COMPLETE_QUERY_TEXT
+    path = str(getattr(args, "dataset_path", "") or "")
+    # images drawn by the synthetic generator (in a dataset's layout) are no benchmark's: report.py says so
+    info["synthetic_data"] = os.path.isfile(os.path.join(path, SYNTHETIC_MANIFEST)) if path else False
     return info
 
 

@@ -92,10 +92,11 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
     if args.test_only:  # the evaluated file, as verified against its checksums.sha256
         info.update(checkpoint=os.path.abspath(source), checkpoint_sha256=sha256)
     exp = build_experiment(args, device, ckpt, source)
-    data = completeness.DataRecord(exp.splits(), dataset_spec(args.dataset).title)  # warns of missing images
     model, optimizer, scheduler, tasks = exp.model, exp.optimizer, exp.scheduler, exp.tasks
     if args.test_only:
         tasks = eval_splits(args, tasks)
+    splits = {k: v for k, v in exp.splits().items() if not args.test_only or k in tasks}  # the splits it reads
+    data = completeness.DataRecord(splits, dataset_spec(args.dataset).title)  # warns of missing images
     names = metric_names(exp.tasks)
     # a bad --best_metric stops here, before any step
     score_name = best_metric_name(names, args.best_metric, args.select_on) if not args.test_only else ""
@@ -108,11 +109,11 @@ def _run(args: argparse.Namespace, given: set[str], early, argv: list[str]) -> i
               score=None if args.test_only else selection_score(args), score_name=score_name, early=early,
               argv=[PROG, *argv])
     run.info.update(info)
-    if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json and run.json)
-        run.info["data_fingerprint"] = completeness.fingerprint(exp.splits())
-        run.record_provenance(data_fingerprint=run.info["data_fingerprint"])
     run.live_info = data  # every metrics.json write carries the current image counts
     try:
+        if run.enabled:  # the index files' SHA-256 (rank 0 writes metrics.json and run.json)
+            run.info["data_fingerprint"] = completeness.fingerprint(splits)
+            run.record_provenance(data_fingerprint=run.info["data_fingerprint"])
         logger.info("log files saved to %s", folder)
         if args.test_only:
             return evaluate_checkpoint(args, model, tasks, device, run, int(ckpt.get("it", 0)))

@@ -147,7 +147,8 @@ def _provenance_lines(prov: dict) -> list[str]:
              + (" (uncommitted changes)" if any(c.endswith("+changes") for c in prov["git_commits"]) else ""),
              f"Libraries: {versions or 'unknown'}; devices: {', '.join(map(str, prov['devices'])) or 'unknown'}"]
     if prov["runs_without_run_json"]:
-        lines.append(f"No run.json (provenance unknown): {', '.join(prov['runs_without_run_json'])}")
+        lines.append(f"Provenance unknown (no run.json, or sessions before it): "
+                     f"{', '.join(prov['runs_without_run_json'])}")
     return lines
 
 

@@ -323,8 +323,9 @@ def run(args: argparse.Namespace) -> int:
     files, skipped = scan_gallery(args.gallery)
     if not files:
         raise UserInputError(f"gallery {args.gallery} holds no image files ({', '.join(IMAGE_SUFFIXES)}, any case)")
-    sha256 = checksums.verify_checkpoint(args.model_checkpoint, args.ignore_checksum)  # a changed file is refused
-    ckpt = factory.read_model_checkpoint(args.model_checkpoint)  # a bad checkpoint is refused before any work
+    # a changed or bad checkpoint is refused before any work; the digest is that of the weights read
+    sha256, ckpt = checksums.read_verified(args.model_checkpoint, args.ignore_checksum,
+                                           lambda: factory.read_model_checkpoint(args.model_checkpoint))
     device = distributed.pick_device(args.device)
     texts: Sequence[str] = ()
     if args.dataset_path:

@@ -286,14 +286,17 @@ class Run:
         for entry in self.history:
             self._update_best(entry)
         self.session = provenance.session_record(device, distributed_world()[1], self.argv)
+        self.provenance = _load_run_file(folder)  # a resumed run adds its session to the earlier ones
+        self.provenance["sessions"].append(self.session)
+        if self.history and not self.provenance.get("format"):  # a folder trained before run.json was written
+            self.provenance["earlier_sessions_unknown"] = True
+        self.provenance["format"] = provenance.FORMAT
         self.record = {"args": {k: v for k, v in vars(args).items()},
                        "git_commit": provenance.commit_label(self.session["git"]),
                        "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
                        "device_name": _device_name(device), "host": socket.gethostname(),
                        "command": self.argv or sys.argv}
         write_json(os.path.join(folder, "args.json"), self.record, self.write_advice())
-        self.provenance = _load_run_file(folder)  # a resumed run adds its session to the earlier ones
-        self.provenance["sessions"].append(self.session)
         self._write_provenance()
         with self._writing(f"the TensorBoard events in {folder}"):
             self.writer = SummaryWriter(folder)
@@ -403,25 +406,38 @@ class Run:
 
     def close(self, final: dict[str, float], it: int = 0) -> None:
         """The end of the run: the yardstick line, for a training run its HParams trial (``_write_trial``), then
-        ``notes`` as the run's last lines (warnings), the files closed and the lock released. metrics.json is
-        written again when ``live_info`` may have changed since (unreadable images met after the last evaluation)."""
-        self.release()
-        live = self.live_info() if self.history and self.live_info is not None else None  # every rank (a gather)
-        if not self.enabled:
-            return
-        if live is not None:
-            self._write_metrics_json(live)
-        line = self.yardstick()
-        if line:
-            echo(line)
-        if not getattr(self.args, "test_only", False):  # an evaluation is no trial of its own
-            with self._writing(f"the TensorBoard events in {self.folder}"):
-                self._write_trial(final, it)
-        for note in self.notes:
-            logger.warning("%s", note)
-        provenance.finish(self.session, "finished")
-        self._write_provenance()
-        self._release()
+        ``notes`` as the run's last lines (warnings), run.json's end, the files closed and the lock released.
+        metrics.json is written again when ``live_info`` may have changed since (unreadable images met after the
+        last evaluation); ``live_info`` is called on every rank (a collective). A failure on the way records the
+        session as failed (or interrupted) before it is raised."""
+        try:
+            live = self.live_info() if self.live_info is not None else None  # every rank: it may gather across ranks
+            if not self.enabled:
+                return
+            if live is not None and self.history:
+                self._write_metrics_json(live)
+            line = self.yardstick()
+            if line:
+                echo(line)
+            if not getattr(self.args, "test_only", False):  # an evaluation is no trial of its own
+                with self._writing(f"the TensorBoard events in {self.folder}"):
+                    self._write_trial(final, it)
+            for note in self.notes:
+                logger.warning("%s", note)
+            provenance.finish(self.session, "finished")
+            self._write_provenance()
+            self._release()
+        except BaseException as exc:  # a failed write, a signal: run.json says how the process ended
+            if not self.enabled:
+                raise
+            if self.session["end"] is None:
+                provenance.finish(self.session, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+                with contextlib.suppress(OSError):
+                    self._write_provenance()
+            self._release(failed=True)
+            raise
+        finally:
+            self.release()  # the lock last: a --resume starting now sees the finished run.json
 
     def _write_trial(self, final: dict[str, float], it: int) -> None:
         """The run as a trial of TensorBoard's HParams dashboard, in its own event file: the configuration and the
@@ -468,7 +484,7 @@ class Run:
             return
         if error and getattr(self, "out_log", None) is not None:
             self.out_log.write_line(error)
-        if getattr(self, "session", None) is not None and self.session["end"] is None:
+        if getattr(self, "provenance", None) is not None and self.session["end"] is None:
             provenance.finish(self.session, status)
             with contextlib.suppress(OSError):
                 self._write_provenance()
@@ -502,7 +518,7 @@ def _load_run_file(folder: str) -> dict:
             return data
     except (OSError, ValueError, RecursionError):
         pass
-    return {"format": provenance.FORMAT, "sessions": []}
+    return {"sessions": []}
 
 
 def _torch_version() -> str:

@@ -106,11 +106,12 @@ def read_run(folder: str) -> RunRecord:
 
 def group_provenance(runs: list[RunRecord]) -> dict:
     """What produced a group's runs, from their run.json sessions: the distinct git commits (with '+changes' for a
-    tree with uncommitted changes), library versions and devices, and the runs with no run.json."""
+    tree with uncommitted changes), library versions and devices, and the runs with no run.json or with sessions
+    before it began (a folder trained without run.json, then resumed)."""
     commits, versions, devices, unknown = [], [], [], []
     for run in runs:
         sessions = [s for s in run.run_file.get("sessions", []) if isinstance(s, dict)]
-        if not sessions:
+        if not sessions or run.run_file.get("earlier_sessions_unknown"):  # (some of) its iterations: unknown code
             unknown.append(run.folder)
         for session in sessions:
             git = session.get("git")

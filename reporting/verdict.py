@@ -88,6 +88,20 @@ def _data_problems(run: RunRecord) -> list[str]:
     return problems
 
 
+def _synthetic(run: RunRecord) -> bool:
+    """Whether the run's images were the synthetic generator's: metrics.json's ``synthetic_data`` (recorded at the
+    start), else, for a run that did not record it, a ``synthetic_manifest.json`` in its --dataset_path as seen from
+    the run's working folder (run.json's ``cwd``) now."""
+    if "synthetic_data" in run.metrics:
+        return bool(run.metrics["synthetic_data"])
+    path = run.args.get("dataset_path")
+    if not path:
+        return False
+    sessions = run.run_file.get("sessions") or [{}]
+    cwd = sessions[0].get("cwd") if isinstance(sessions[0], dict) else None
+    return os.path.isfile(os.path.join(cwd or "", str(path), SYNTHETIC_MANIFEST))
+
+
 def general_reasons(runs: list[RunRecord]) -> list[str]:
     """The reasons that hold against every published number: selection on test, image weights, image size, too few
     iterations, missing or unreadable listed images (metrics.json "data", a reason per run naming its splits)."""
@@ -106,8 +120,7 @@ def general_reasons(runs: list[RunRecord]) -> list[str]:
     if short:
         reasons.append(f"{min((n for n in short if isinstance(n, int)), default='unknown')} iterations, far short "
                        f"of the papers' {PAPER_ITERS:,} (--num_iters)")
-    generated = sorted({str(run.args["dataset_path"]) for run in runs if run.args.get("dataset_path")
-                        and os.path.isfile(os.path.join(str(run.args["dataset_path"]), SYNTHETIC_MANIFEST))})
+    generated = sorted({str(run.args.get("dataset_path")) for run in runs if _synthetic(run)})
     if generated:
         reasons.append(f"the images of {', '.join(generated)} are the synthetic generator's ({SYNTHETIC_MANIFEST}), "
                        f"not the dataset's release")

@@ -234,3 +234,44 @@ def test_demo_refuses_a_changed_checkpoint(changed_run):
     assert f"demo.py: error: {info.value}" == refusal(changed_run["path"], changed_run["listed"], "demo.py")
     assert demo.get_args_parser().parse_args(["--model_checkpoint", "x", "--gallery", "g",
                                               "--ignore_checksum", "True"]).ignore_checksum is True
+
+
+def test_a_checkpoint_replaced_between_hash_and_read_is_hashed_again(tmp_path):
+    from checksums import read_verified
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    path = str(folder / "latest_checkpoint.pth")
+    checksums = ChecksumFile(str(folder))
+    first = save_checkpoint(path, {"w": torch.zeros(3)}, checksums=checksums)
+    reads = []
+
+    def read():  # a training run renames its next checkpoint into place while the first read runs
+        reads.append(torch.load(path)["w"].clone())
+        if len(reads) == 1:
+            save_checkpoint(path, {"w": torch.ones(3)}, checksums=checksums)
+        return reads[-1]
+
+    digest, weights = read_verified(path, False, read)
+    assert len(reads) == 2 and torch.equal(weights, torch.ones(3))
+    assert digest == sha256(path) != first  # the digest of the weights returned
+
+
+def test_a_link_to_a_checkpoint_is_checked_against_its_run_folder(tmp_path):
+    folder, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    path = str(folder / "best_checkpoint.pth")
+    save_checkpoint(path, {"w": torch.zeros(3)}, checksums=ChecksumFile(str(folder)))
+    torch.save({"w": torch.ones(3)}, path)  # changed after it was written
+    os.symlink(path, elsewhere / "model.pth")
+    with pytest.raises(UserInputError, match="does not match checksums.sha256"):
+        verify_checkpoint(str(elsewhere / "model.pth"))
+
+
+def test_a_checksums_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
+    path = tmp_path / "latest_checkpoint.pth"
+    torch.save({"w": torch.zeros(3)}, str(path))
+    (tmp_path / CHECKSUMS_NAME).write_bytes(b"\xef\xbb\xbf" + f"{'0' * 64}  latest_checkpoint.pth\n".encode())
+    with pytest.raises(UserInputError, match="does not match"):
+        verify_checkpoint(str(path))

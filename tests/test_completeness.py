@@ -75,6 +75,16 @@ def test_fashion200k_run_records_three_missing_images(tmp_path, run_main_cli):
     assert set(fp["files"]) == {"labels/dress_train_detect_all.txt", "labels/dress_test_detect_all.txt",
                                 "test_queries.txt"}
     assert fp == completeness.fingerprint(datasets.build_splits("fashion200k", root, image_size=32))
+    # an evaluation of the test split counts (and warns of) the test split only
+    rc, out, err = run_main_cli(["--test_only", "True", "--model_checkpoint",
+                                 os.path.join(folder, "latest_checkpoint.pth"), "--eval_splits", "test",
+                                 "--dataset_path", root, "--log_dir", str(tmp_path / "eval"), "--device", "cpu",
+                                 "--loader_num_workers", "0"])
+    assert rc == 0, err
+    assert "listed images are" not in out + err
+    (evaluation,) = glob.glob(os.path.join(str(tmp_path / "eval"), "*"))
+    with open(os.path.join(evaluation, "metrics.json")) as f:
+        assert json.load(f)["data"] == {"test": {"listed": 4, "present": 4, "unreadable": 0}}
 
 
 def _counts(ds):

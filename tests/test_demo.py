@@ -326,3 +326,17 @@ def test_an_unexpected_error_is_one_internal_error_line(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1
     assert err[0].startswith("demo.py: internal error: RuntimeError: a bug; the traceback is in ")
+
+
+def test_a_port_taken_after_the_check_is_one_line_exit_2(triplets_run, gallery, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(demo, "_check_port", lambda host, port: None)  # taken between the check and the bind
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc, err = call("--model_checkpoint", triplets_run["ckpt"], "--gallery", gallery, "--port", str(port))
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"demo.py: error: --host 127.0.0.1 --port {port} cannot be listened on")

@@ -191,3 +191,32 @@ def test_unreadable_images_met_on_every_rank_are_counted_on_every_rank(tmp_path)
     for rank in (0, 1):
         assert torch.load(f"{out}.{rank}") == {"train": {"listed": 4, "present": 4, "unreadable": 2},
                                                "test": {"listed": 4, "present": 4, "unreadable": 1}}
+
+
+def _close_worker(rank: int, world: int, port: int, folder: str) -> None:
+    import datetime
+
+    import config
+    import runlog
+    from retrieval_datasets import completeness
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    args = config.get_args_parser().parse_args([])
+    vars(args).update(dataset="mitstates", log_dir=os.path.dirname(folder), test_only=False, resume="x")
+    # a resumed run that trains nothing more: rank 0 reads the folder's history, the other ranks hold none
+    run = runlog.Run(args, folder, enabled=rank == 0)
+    train = _Listed()
+    train.bad_images.add(f"img{rank}.jpg")
+    run.live_info = completeness.DataRecord({"train": train}, "Tiny")
+    run.close({}, 2)  # every rank gathers: none waits for another forever
+    torch.distributed.destroy_process_group()
+
+
+def test_closing_a_resumed_run_gathers_on_every_rank(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"latest": {"it": 2}, "history": [{"it": 2}]}))
+    mp.spawn(_close_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+    with open(folder / "metrics.json") as f:
+        assert json.load(f)["data"] == {"train": {"listed": 4, "present": 4, "unreadable": 2}}

@@ -97,3 +97,62 @@ def test_run_json_holds_the_datasets_fingerprint_as_metrics_json(tirg_lstm_run):
         metrics = json.load(f)
     assert session["data_fingerprint"] == metrics["data_fingerprint"]
     assert len(session["data_fingerprint"]["sha256"]) == 64
+
+
+def _run_args(log_dir, **changes):
+    import config
+
+    args = config.get_args_parser().parse_args([])
+    vars(args).update(dataset="mitstates", log_dir=str(log_dir), test_only=True, **changes)
+    return args
+
+
+def test_a_failed_write_of_args_json_removes_the_new_folder(tmp_path, monkeypatch):
+    import runlog
+    from checkpoint import WriteFailed
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    real = runlog.write_json
+
+    def full_disk(path, data, advice=""):
+        if path.endswith("args.json"):
+            raise WriteFailed(f"cannot write {path}: no space left on device; {advice}")
+        return real(path, data, advice)
+
+    monkeypatch.setattr(runlog, "write_json", full_disk)
+    with pytest.raises(WriteFailed, match="args.json"):
+        runlog.Run(_run_args(tmp_path), str(folder), created=True)
+    assert not folder.exists()  # the new folder is removed, lock included
+
+
+def test_a_failure_while_closing_records_the_session_as_failed(tmp_path, monkeypatch):
+    import runlog
+    from checkpoint import WriteFailed
+
+    folder = str(tmp_path / "run")
+    run = runlog.Run(_run_args(tmp_path), folder, created=True)
+    run.started = True
+    run.metrics({"test recall_top1_correct_composition": 0.5}, 3)
+
+    def full_disk():
+        raise WriteFailed("cannot write metrics.json: no space left on device")
+
+    run.live_info = lambda: full_disk()
+    with pytest.raises(WriteFailed):
+        run.close({}, 3)
+    (session,) = read_run_file(folder)["sessions"]
+    assert session["status"] == "failed" and session["end"] is not None
+    assert not os.path.exists(os.path.join(folder, "run.lock"))
+
+
+def test_resuming_a_folder_without_run_json_says_earlier_sessions_are_unknown(tmp_path):
+    import runlog
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"latest": {"it": 2}, "history": [{"it": 2}]}))
+    run = runlog.Run(_run_args(tmp_path), str(folder))
+    run.release()
+    data = read_run_file(str(folder))
+    assert data["earlier_sessions_unknown"] is True and len(data["sessions"]) == 1

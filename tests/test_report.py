@@ -227,4 +227,24 @@ def test_the_report_names_the_code_libraries_and_devices_of_each_group(four_runs
     assert prov["runs_without_run_json"] == [str(tmp_path / "runs" / "a2")]
     md = (out / "report.md").read_text()
     assert "(the runs ran different code) (uncommitted changes)" in md and "numpy 1.0, torch 9.9" in md
-    assert f"No run.json (provenance unknown): {tmp_path / 'runs' / 'a2'}" in md
+    assert f"Provenance unknown (no run.json, or sessions before it): {tmp_path / 'runs' / 'a2'}" in md
+
+
+def test_synthetic_images_are_a_reason_recorded_at_the_start_or_seen_from_the_runs_folder(tmp_path):
+    from reporting.runs import read_run
+    from reporting.verdict import general_reasons
+
+    data = tmp_path / "synth"
+    data.mkdir()
+    (data / "synthetic_manifest.json").write_text("{}")
+    recorded = write_run(tmp_path / "a", base_args(dataset_path="/gone"), [mit_eval(300, 0.1, 0.4)])
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps({**metrics, "synthetic_data": True}))
+    relative = write_run(tmp_path / "b", base_args(dataset_path="synth"), [mit_eval(300, 0.1, 0.4)])
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"sessions": [{"cwd": str(tmp_path)}]}))
+    real = write_run(tmp_path / "c", base_args(dataset_path=str(data)), [mit_eval(300, 0.1, 0.4)])
+    metrics = json.loads((tmp_path / "c" / "metrics.json").read_text())
+    (tmp_path / "c" / "metrics.json").write_text(json.dumps({**metrics, "synthetic_data": False}))
+    for folder, expected in ((recorded, True), (relative, True), (real, False)):
+        reasons = general_reasons([read_run(folder)])
+        assert any("synthetic generator" in r for r in reasons) == expected, folder
