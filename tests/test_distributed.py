@@ -170,29 +170,6 @@ class _Listed:
         return {"": [f"img{i}.jpg" for i in range(4)]}
 
 
-def _bad_worker(rank: int, world: int, port: int, out: str) -> None:
-    from retrieval_datasets import completeness
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    train, test = _Listed(), _Listed()
-    record = completeness.DataRecord({"train": train, "test": test}, "Tiny")
-    train.bad_images.add(f"img{rank}.jpg")  # each rank met another unreadable training image
-    if rank == 1:
-        test.bad_images.add("img3.jpg")
-    data = record()["data"]
-    torch.save(data, f"{out}.{rank}")
-    torch.distributed.destroy_process_group()
-
-
-def test_unreadable_images_met_on_every_rank_are_counted_on_every_rank(tmp_path):
-    out = str(tmp_path / "data")
-    mp.spawn(_bad_worker, args=(2, free_port(), out), nprocs=2, join=True)
-    for rank in (0, 1):
-        assert torch.load(f"{out}.{rank}") == {"train": {"listed": 4, "present": 4, "unreadable": 2},
-                                               "test": {"listed": 4, "present": 4, "unreadable": 1}}
-
-
 def _close_worker(rank: int, world: int, port: int, folder: str) -> None:
     import datetime
 
@@ -206,17 +183,25 @@ def _close_worker(rank: int, world: int, port: int, folder: str) -> None:
     vars(args).update(dataset="mitstates", log_dir=os.path.dirname(folder), test_only=False, resume="x")
     # a resumed run that trains nothing more: rank 0 reads the folder's history, the other ranks hold none
     run = runlog.Run(args, folder, enabled=rank == 0)
-    train = _Listed()
-    train.bad_images.add(f"img{rank}.jpg")
-    run.live_info = completeness.DataRecord({"train": train}, "Tiny")
-    run.close({}, 2)  # every rank gathers: none waits for another forever
+    train, test = _Listed(), _Listed()
+    record = completeness.DataRecord({"train": train, "test": test}, "Tiny")
+    train.bad_images.add(f"img{rank}.jpg")  # each rank met another unreadable training image
+    if rank == 1:
+        test.bad_images.add("img3.jpg")
+    torch.save(record()["data"], f"{folder}.{rank}")  # what every rank counts, gathered
+    run.live_info = record
+    run.close({}, 2)  # every rank gathers again: none waits for another forever
     torch.distributed.destroy_process_group()
 
 
-def test_closing_a_resumed_run_gathers_on_every_rank(tmp_path):
+def test_unreadable_images_of_every_rank_are_counted_and_a_resumed_run_closes(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "metrics.json").write_text(json.dumps({"latest": {"it": 2}, "history": [{"it": 2}]}))
     mp.spawn(_close_worker, args=(2, free_port(), str(folder)), nprocs=2, join=True)
+    expected = {"train": {"listed": 4, "present": 4, "unreadable": 2}, "test": {"listed": 4, "present": 4,
+                                                                             "unreadable": 1}}
+    for rank in (0, 1):
+        assert torch.load(f"{folder}.{rank}") == expected
     with open(folder / "metrics.json") as f:
-        assert json.load(f)["data"] == {"train": {"listed": 4, "present": 4, "unreadable": 2}}
+        assert json.load(f)["data"] == expected
