@@ -4,9 +4,9 @@
         [--device auto|cpu|cuda] [--threads N]
 
 The model and the gallery's features are loaded once, as retrieve.py loads them (``factory.model_from_checkpoint``,
-``gallery_index.update_index`` with ``retrieve._GalleryEncoder``, ``--index`` reused and updated); every query is encoded and ranked as
-``retrieve.py --json`` ranks it (the query's own image left out), through the one adapter ``_search``. A result
-clicked on the page becomes the next turn's source.
+``gallery_index.update_index`` with ``retrieve._GalleryEncoder``, ``--index`` reused and updated); every query is
+encoded and ranked as ``retrieve.py --json`` ranks it (the query's own image left out), through the one adapter
+``_search``. A result clicked on the page becomes the next turn's source.
 
 Served (Flask, one Jinja template, CSS and JS from this machine only):
     GET  /                 the page; ``?q=TEXT&page=N`` filters and pages the gallery grid
@@ -412,20 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's bomb threshold: uploads beyond it are refused
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     try:
-        state = build_state(args)
-    except UserInputError as exc:
+        serve(build_state(args), args.host, args.port)  # serve: a port taken since the check is a UserInputError
+    except (UserInputError, WriteFailed) as exc:  # WriteFailed: the --index file (a full disk), not the input
         print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except WriteFailed as exc:  # the --index file cannot be written (a full disk): not the input's fault
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, UserInputError) else 1
     except Exception as exc:  # noqa: BLE001 (the last resort: one line, the traceback in a file)
         return report_internal_error(PROG, exc)
-    try:
-        serve(state, args.host, args.port)
-    except UserInputError as exc:  # the port is taken, or the address cannot be bound
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

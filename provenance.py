@@ -48,7 +48,7 @@ def git_state(folder: str | None = None) -> dict[str, Any] | None:
 
 def commit_label(state: dict[str, Any] | None) -> str | None:
     """A ``git_state`` as args.json writes it: the full hash, with '+changes' when tracked files differ."""
-    return None if state is None else state["commit"] + ("+changes" if state["dirty"] else "")
+    return None if state is None else state["commit"] + ("+changes" if state.get("dirty") else "")
 
 
 def library_versions(names: Sequence[str] = LIBRARIES) -> dict[str, str | None]:

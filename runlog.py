@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import platform
 import re
 import shutil
 import socket
@@ -285,17 +284,16 @@ class Run:
         self.history = load_history(folder)  # a resumed run keeps its history
         for entry in self.history:
             self._update_best(entry)
-        self.session = provenance.session_record(device, distributed_world()[1], self.argv)
-        self.provenance = _load_run_file(folder)  # a resumed run adds its session to the earlier ones
-        self.provenance["sessions"].append(self.session)
-        if self.history and not self.provenance.get("format"):  # a folder trained before run.json was written
+        session = self.session = provenance.session_record(device, distributed_world()[1], self.argv)
+        earlier = _load_run_file(folder)  # a resumed run adds its session to the earlier ones
+        self.provenance = earlier or {"format": provenance.FORMAT, "sessions": []}
+        self.provenance["sessions"].append(session)
+        if earlier is None and self.history:  # a folder trained before run.json was written
             self.provenance["earlier_sessions_unknown"] = True
-        self.provenance["format"] = provenance.FORMAT
         self.record = {"args": {k: v for k, v in vars(args).items()},
-                       "git_commit": provenance.commit_label(self.session["git"]),
-                       "torch": _torch_version(), "python": platform.python_version(), "device": str(device),
-                       "device_name": _device_name(device), "host": socket.gethostname(),
-                       "command": self.argv or sys.argv}
+                       "git_commit": provenance.commit_label(session["git"]), "torch": _torch_version(),
+                       "python": session["python"], "device": str(device), "device_name": session["device_name"],
+                       "host": session["host"], "command": self.argv or sys.argv}
         write_json(os.path.join(folder, "args.json"), self.record, self.write_advice())
         self._write_provenance()
         with self._writing(f"the TensorBoard events in {folder}"):
@@ -509,30 +507,20 @@ class Run:
                 out_log.close()
 
 
-def _load_run_file(folder: str) -> dict:
-    """run.json of ``folder`` as a dict with a 'sessions' list; a missing or unreadable one gives a new record."""
+def _load_run_file(folder: str) -> dict | None:
+    """run.json of ``folder`` as a dict with a 'sessions' list; None where it is missing or unreadable."""
     try:
         with open(os.path.join(folder, provenance.RUN_FILE), encoding="utf-8") as f:
             data = json.load(f)
-        if isinstance(data, dict) and isinstance(data.get("sessions"), list):
-            return data
     except (OSError, ValueError, RecursionError):
-        pass
-    return {"sessions": []}
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("sessions"), list) else None
 
 
 def _torch_version() -> str:
     import torch
 
     return torch.__version__
-
-
-def _device_name(device) -> str | None:
-    import torch
-
-    if device is not None and getattr(device, "type", None) == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
 
 
 def args_table(info: dict) -> str:

@@ -9,6 +9,7 @@ import os
 import re
 import statistics
 
+import provenance
 from errors import UserInputError
 
 _METRIC = re.compile(r"^(\w+) recall_top(\d+)_correct_(\w+)$")  # '<split> recall_top<k>_correct_<view>'
@@ -98,7 +99,7 @@ def read_run(folder: str) -> RunRecord:
     if not isinstance(record.get("args"), dict):
         raise ValueError("args.json lacks 'args'")
     try:
-        run_file = _read_json(os.path.join(folder, "run.json"))
+        run_file = _read_json(os.path.join(folder, provenance.RUN_FILE))
     except (OSError, ValueError, RecursionError):
         run_file = {}  # a run written before run.json existed, or a torn file: its provenance is unknown
     return RunRecord(folder=folder, args=record["args"], metrics=metrics, run_file=run_file)
@@ -115,8 +116,8 @@ def group_provenance(runs: list[RunRecord]) -> dict:
             unknown.append(run.folder)
         for session in sessions:
             git = session.get("git")
-            label = (git["commit"] + ("+changes" if git.get("dirty") else "")) if isinstance(git, dict) and \
-                git.get("commit") else "not a git checkout"
+            label = provenance.commit_label(git) if isinstance(git, dict) and git.get("commit") else \
+                "not a git checkout"
             for seen, value in ((commits, label), (devices, session.get("device_name")),
                                 (versions, json.dumps(session.get("versions"), sort_keys=True))):
                 if value not in seen:

@@ -81,8 +81,9 @@ def _data_problems(run: RunRecord) -> list[str]:
             continue
         listed = count(c, "listed")
         missing = listed - count(c, "present") if "present" in c else 0
-        found = [f"{n:,} missing" for n in [missing] if n > 0]
-        found += [f"{n:,} unreadable" for n in [count(c, "unreadable")] if n > 0]
+        unreadable = count(c, "unreadable")
+        found = ([f"{missing:,} missing"] if missing > 0 else []) + (
+            [f"{unreadable:,} unreadable"] if unreadable > 0 else [])
         if found:
             problems.append(f"{split}: {listed:,} listed images, {' and '.join(found)}")
     return problems
